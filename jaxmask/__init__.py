@@ -1,0 +1,29 @@
+"""jaxmask: segmentation masks from Stable Diffusion's own attention, as pure JAX functions.
+
+The core (this package) is pure: functions on ONE example's arrays, jit-able, batched with
+``jax.vmap``. ``jaxmask.generate`` and ``jaxmask.load`` are reached lazily through
+``ports.api`` (the one sanctioned edge from the core to the shell, see docs/architecture.md).
+"""
+
+from jaxmask.maps import (
+    AttentionMaps,
+    CaptureSpec,
+    class_cross,
+    head_mean_probs,
+    normalize_max,
+    normalize_minmax,
+    normalize_minmax_damped,
+)
+from jaxmask.tokens import class_token_weights, match_tokens, token_positions, weights_from_matches
+
+__version__ = "0.1.0"
+
+_LAZY = ("generate", "load", "Pipeline", "GenerateResult")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import ports.api  # the shell; imported only when the facade is used
+
+        return getattr(ports.api, name)
+    raise AttributeError(f"module 'jaxmask' has no attribute {name!r}")
