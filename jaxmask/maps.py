@@ -93,11 +93,15 @@ class AttentionMaps:
       self_attn: ``{r: (n, n)}`` self-attention probabilities (rows: queries), head-mean,
         mean over the layers named by ``self_layers`` and over the captured steps.
       self_layers: which layers ``self_attn`` holds (static; see ``CaptureSpec``).
+      resolutions: every attention side the model has (static), e.g. ``(8, 16, 32, 64)`` for
+        SD at 512 px, so methods can place "finest / 4" without it having been captured;
+        ``()`` when unknown (methods then infer sides from what was captured).
     """
 
     cross: dict[int, Float[Array, "l r r t"]]
     self_attn: dict[int, Float[Array, "n n"]]
     self_layers: str = flax.struct.field(pytree_node=False, default="mean")
+    resolutions: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
     def cross_at(self, r: int) -> Float[Array, "l r r t"]:
         if r not in self.cross:
@@ -184,10 +188,18 @@ def head_mean_probs(
 ) -> Float[Array, "q k"]:
     """Mean over heads of one layer's attention probabilities, float32, optionally ``/max``.
 
-    ``step_norm="max"`` divides by the map's max, the per-(layer, step) term of SeeDiff Eq. 5.
+    ``step_norm="max"`` is the per-(layer, step) term of SeeDiff Eq. 5, ``A / max(A)``: for a
+    cross map (keys are text tokens, ``q != k``) each token's spatial map is divided by its own
+    max, so the BOS token's large mass does not flatten the class tokens; a self map
+    (``q == k``) is divided by its global max.
     """
     m = jnp.mean(probs.astype(jnp.float32), axis=0)
-    return normalize_max(m) if step_norm == "max" else m
+    if step_norm == "max":
+        if m.shape[0] != m.shape[1]:  # cross-attention: one spatial map per token
+            top = jnp.max(m, axis=0, keepdims=True)
+            return jnp.where(top > _EPS, m / jnp.maximum(top, _EPS), 0.0)
+        return normalize_max(m)
+    return m
 
 
 def class_cross(

@@ -83,5 +83,6 @@ def match_tokens(prompt_ids: Int[Array, "t"], class_ids: Int[Array, "m"]) -> Boo
 
 def weights_from_matches(matches: Bool[Array, "k t"]) -> Float[Array, "k t"]:
     """Row-normalise match masks into averaging weights; a row with no match stays zero."""
-    counts = jnp.sum(matches, axis=-1, keepdims=True)
-    return jnp.where(counts > 0, matches / jnp.maximum(counts, 1), 0.0).astype(jnp.float32)
+    hits = matches.astype(jnp.float32)
+    counts = jnp.sum(hits, axis=-1, keepdims=True)
+    return jnp.where(counts > 0, hits / jnp.maximum(counts, 1.0), 0.0)
