@@ -1,0 +1,47 @@
+"""Contact sheets: image | label overlay | per-class soft maps, one row per item (PNG)."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jaxmask.labels import VOC_PALETTE
+
+
+def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Blend the VOC colour of each labelled pixel over the image (background untouched)."""
+    colours = VOC_PALETTE[label_map].astype(np.float32)
+    fg = (label_map > 0)[..., None]
+    out = np.where(fg, (1 - alpha) * image.astype(np.float32) + alpha * colours, image)
+    return out.astype(np.uint8)
+
+
+def heat(soft: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as an RGB heat image (black -> red -> yellow -> white)."""
+    s = np.clip(soft, 0.0, 1.0)[..., None]
+    ramp = np.concatenate([np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1)
+    return (255 * ramp).astype(np.uint8)
+
+
+def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], tile: int = 160) -> Image.Image:
+    """Grid of RGB uint8 panels; each row has a caption strip above it."""
+    cols = max(len(panels) for _, panels in rows)
+    caption = 16
+    sheet = Image.new("RGB", (cols * tile, len(rows) * (tile + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (text, panels) in enumerate(rows):
+        y = i * (tile + caption)
+        draw.text((4, y + 2), text, fill=(0, 0, 0))
+        for j, panel in enumerate(panels):
+            img = Image.fromarray(panel).resize((tile, tile), Image.NEAREST)
+            sheet.paste(img, (j * tile, y + caption))
+    return sheet
+
+
+def write_sheet(rows, path: Path, tile: int = 160) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    contact_sheet(rows, tile).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
