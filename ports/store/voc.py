@@ -1,0 +1,335 @@
+"""The VOC-layout dataset writer: what mmsegmentation, detectron2 (custom registration) and every
+peer read with no glue.
+
+::
+
+    <out>/JPEGImages/<id>.jpg                 the image (JPEG, quality 95)
+    <out>/SegmentationClass/<id>.png          the label map: palette PNG, 0 background, 1..K classes,
+                                              255 ignore, PASCAL VOC colours
+    <out>/SoftMasks/<id>.npz                  optional: per-class soft masks, float16, low resolution
+    <out>/ImageSets/Segmentation/train.txt    the ids, in global-index order (written by the merge)
+    <out>/id2label.json                       {"0": "background", "1": "cat", ...}
+    <out>/manifest-<process>.jsonl            one line per finished item (see ports.store.manifest)
+
+``<id>`` is ``manifest.item_id(global_index)`` (``00000012``). An item's files are each written
+atomically, then its manifest line is appended: a line implies complete files. The encoders here
+(:func:`encode_jpeg`, :func:`encode_label_png`, :func:`encode_soft_masks`) are deterministic: the same
+arrays give the same bytes, which is what makes a resumed run byte-identical to an uninterrupted one.
+"""
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ports.scale.hosts import owner
+from ports.store import atomic, manifest
+
+IMAGES = "JPEGImages"
+LABELS = "SegmentationClass"
+SOFT_MASKS = "SoftMasks"
+SPLIT = Path("ImageSets") / "Segmentation" / "train.txt"
+ID2LABEL = "id2label.json"
+IGNORE_INDEX = 255
+
+
+def _voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map: bits 0, 1, 2 of the index go, from the most significant bit
+    down, to red, green and blue (index 1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192))."""
+    index = np.arange(256)
+    palette = np.zeros((256, 3), np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            bit = (index >> (3 * shift + channel)) & 1
+            palette[:, channel] |= bit << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+try:  # the core's copy, once jaxmask.labels has one
+    from jaxmask.labels import VOC_PALETTE
+except ImportError:
+    VOC_PALETTE = _voc_palette()
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders (shared with the WebDataset writer)
+
+
+def check_image(image) -> np.ndarray:
+    """``image`` as a uint8 (h, w, 3) array, or a ValueError saying what was expected."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"image must be uint8 with shape (h, w, 3), got {image.dtype} {image.shape}; "
+            "convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8)"
+        )
+    return image
+
+
+def check_label_map(label_map, valid: np.ndarray) -> np.ndarray:
+    """``label_map`` as uint8 (h, w), checking its values against the boolean table ``valid``."""
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or label_map.dtype.kind not in "iu":
+        raise ValueError(
+            f"label_map must be an integer array with shape (h, w), got {label_map.dtype} "
+            f"{label_map.shape}"
+        )
+    bad = np.unique(label_map[(label_map < 0) | (label_map > 255)])
+    if bad.size == 0:
+        values = label_map.astype(np.uint8)
+        bad = np.unique(values[~valid[values]])
+    if bad.size:
+        allowed = np.flatnonzero(valid).tolist()
+        raise ValueError(f"label_map holds {bad.tolist()[:8]}, not class ids {allowed}")
+    return label_map.astype(np.uint8)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG bytes of a uint8 (h, w, 3) image."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def encode_label_png(label_map: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (h, w) label map, palette mode with :data:`VOC_PALETTE`."""
+    h, w = label_map.shape
+    picture = Image.frombytes("P", (w, h), np.ascontiguousarray(label_map).tobytes())
+    picture.putpalette(np.asarray(VOC_PALETTE, np.uint8).tobytes())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_soft_masks(soft_masks) -> bytes:
+    """``.npz`` bytes holding ``soft_masks`` (k, r, r) as float16 under the key ``soft_masks``.
+
+    ``np.savez`` stamps the current time into the zip; this writes the same archive with a fixed
+    timestamp, so equal arrays give equal bytes. ``np.load`` reads it.
+    """
+    soft_masks = np.asarray(soft_masks)
+    if soft_masks.ndim != 3 or soft_masks.dtype.kind != "f":
+        raise ValueError(f"soft_masks must be float (k, r, r), got {soft_masks.dtype} {soft_masks.shape}")
+    if not np.all(np.isfinite(soft_masks)):
+        raise ValueError("soft_masks holds NaN or infinity")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        member = zipfile.ZipInfo("soft_masks.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        member.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(member, "w") as stream:
+            np.lib.format.write_array(stream, soft_masks.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def file_entry(path: str, data: bytes) -> dict:
+    """A record's ``files`` entry: path (relative to the dataset, or member name), size, sha256."""
+    return {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_id2label(id2label: Mapping[int, str]) -> dict[int, str]:
+    """``id2label`` with int keys in [0, 254] and str names, or a ValueError."""
+    checked = {}
+    for key, name in dict(id2label).items():
+        class_id = int(key)
+        if not 0 <= class_id < IGNORE_INDEX or not isinstance(name, str):
+            raise ValueError(f"id2label must map ids 0..254 to names, got {key!r}: {name!r}")
+        checked[class_id] = name
+    if not checked:
+        raise ValueError("id2label is empty")
+    return dict(sorted(checked.items()))
+
+
+def valid_labels(id2label: Mapping[int, str]) -> np.ndarray:
+    """A (256,) boolean table: True for the class ids and the ignore index."""
+    valid = np.zeros(256, bool)
+    valid[list(id2label)] = True
+    valid[IGNORE_INDEX] = True
+    return valid
+
+
+def write_id2label(out: Path, id2label: Mapping[int, str]) -> None:
+    """Write ``id2label.json`` atomically, unless it already holds the same mapping."""
+    text = json.dumps({str(k): v for k, v in id2label.items()}, indent=2, ensure_ascii=False) + "\n"
+    path = out / ID2LABEL
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    except OSError as exc:
+        raise atomic.explain(exc, path, "read") from exc
+    atomic.write_text(path, text)
+
+
+def item_payload(
+    global_index: int,
+    image,
+    label_map,
+    record: Mapping,
+    soft_masks,
+    valid: np.ndarray,
+    jpeg_quality: int,
+) -> tuple[dict, dict[str, tuple[str, bytes]]]:
+    """Check an item and encode it: the prepared record and ``{role: (file name, bytes)}``."""
+    if isinstance(global_index, bool) or not isinstance(global_index, (int, np.integer)):
+        raise ValueError(f"global_index must be an int, got {global_index!r}")
+    global_index = int(global_index)
+    if global_index < 0:
+        raise ValueError(f"global_index must be >= 0, got {global_index}")
+    record = manifest.prepare_record(record, global_index)
+    image = check_image(image)
+    label_map = check_label_map(label_map, valid)
+    if image.shape[:2] != label_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and label_map {label_map.shape} differ in size")
+    name = record["id"]
+    payload = {
+        "image": (f"{name}.jpg", encode_jpeg(image, jpeg_quality)),
+        "label": (f"{name}.png", encode_label_png(label_map)),
+    }
+    if soft_masks is not None:
+        count = np.shape(soft_masks)[0] if np.ndim(soft_masks) else None
+        if count != len(record["classes"]):
+            raise ValueError(
+                f"soft_masks has {count} maps but the record names {len(record['classes'])} "
+                "classes; give one map per entry of record['classes'], in that order"
+            )
+        payload["soft_masks"] = (f"{name}.npz", encode_soft_masks(soft_masks))
+    return record, payload
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer
+
+
+class VocWriter:
+    """Writes items into a VOC-layout folder for one process.
+
+    Use after ``manifest.open_dataset`` (which creates or resumes the folder), for the global
+    indices ``Dataset.todo(total)`` returns; call ``manifest.merge_manifests`` on process 0 once
+    every process is done.
+
+    >>> with VocWriter(out, {0: "background", 1: "cat"}) as writer:     # doctest: +SKIP
+    ...     writer.write(7, image, label_map, record)
+    '00000007'
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        id2label: Mapping[int, str],
+        *,
+        process_index: int = 0,
+        jpeg_quality: int = 95,
+    ):
+        self.out = Path(out)
+        self.id2label = check_id2label(id2label)
+        self.jpeg_quality = int(jpeg_quality)
+        self._valid = valid_labels(self.id2label)
+        for folder in (IMAGES, LABELS):
+            atomic.make_folder(self.out / folder)
+        if process_index == 0:
+            write_id2label(self.out, self.id2label)
+        self._manifest = manifest.ManifestWriter(self.out / manifest.manifest_name(process_index))
+
+    def write(self, global_index: int, image, label_map, record: Mapping, soft_masks=None) -> str:
+        """Write one item: image, label map, optional soft masks, then its manifest line.
+
+        Args:
+          global_index: the item's index in the whole dataset (decides its id and key).
+          image: uint8 (h, w, 3).
+          label_map: integer (h, w): ids of ``id2label`` or 255.
+          record: the manifest record (``manifest.REQUIRED_KEYS``); ``id``, ``global_index`` and
+            ``files`` are added here.
+          soft_masks: optional float (k, r, r), one map per ``record["classes"]`` entry, stored
+            float16; pass a low resolution (64 or 128), not the image size.
+
+        Returns:
+          The item id.
+
+        Raises:
+          ValueError: a bad array or record (nothing is written).
+          StoreError: a file could not be written; the item's files are removed, so nothing is
+            left half-written and the item is redone on resume.
+        """
+        record, payload = item_payload(
+            global_index, image, label_map, record, soft_masks, self._valid, self.jpeg_quality
+        )
+        folders = {"image": IMAGES, "label": LABELS, "soft_masks": SOFT_MASKS}
+        files, written = {}, []
+        try:
+            for role, (name, data) in payload.items():
+                relative = f"{folders[role]}/{name}"
+                if role == "soft_masks":
+                    atomic.make_folder(self.out / SOFT_MASKS)
+                atomic.write_bytes(self.out / relative, data)
+                written.append(self.out / relative)
+                files[role] = file_entry(relative, data)
+            record["files"] = files
+            self._manifest.append([record])
+        except BaseException:
+            for path in written:
+                atomic.remove_quietly(path)
+            raise
+        return record["id"]
+
+    def close(self) -> None:
+        self._manifest.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+Writer = VocWriter
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and merge hooks (called by ports.store.manifest)
+
+
+def complete(out: Path, records: list[dict]) -> list[bool]:
+    """For each record, whether every file it lists exists with the recorded size."""
+    flags = []
+    for record in records:
+        files = record.get("files")
+        ok = isinstance(files, dict) and bool(files)
+        for entry in files.values() if ok else ():
+            try:
+                ok = ok and os.stat(out / entry["path"]).st_size == entry["bytes"]
+            except (OSError, KeyError, TypeError):
+                ok = False
+        flags.append(ok)
+    return flags
+
+
+def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_count: int) -> None:
+    """Delete, among the items this process owns, temporary files and files no finished record
+    lists; and the temporary files of shared files this process owns."""
+    expected = {e["path"] for r in finished.values() for e in r["files"].values()}
+    for folder in (IMAGES, LABELS, SOFT_MASKS):
+        if not (out / folder).is_dir():
+            continue
+        manifest.clean_temps(out / folder, process_index, process_count)
+        for entry in (out / folder).iterdir():
+            index = manifest.parse_item_id(entry.name)
+            if index is None or atomic.is_temp(entry.name) or not entry.is_file():
+                continue
+            mine = owner(index, process_count) == process_index
+            if mine and f"{folder}/{entry.name}" not in expected:
+                atomic.remove_quietly(entry)
+    manifest.clean_temps(out, process_index, process_count)
+    manifest.clean_temps(out / SPLIT.parent, process_index, process_count)
+
+
+def finalize(out: Path, merged: list[dict]) -> None:
+    """Write ``ImageSets/Segmentation/train.txt``: the merged ids, one a line, in order."""
+    atomic.make_folder(out / SPLIT.parent)
+    atomic.write_text(out / SPLIT, "".join(f"{r['id']}\n" for r in merged))

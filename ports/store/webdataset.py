@@ -1,0 +1,250 @@
+"""The WebDataset writer: tar shards for training at scale, one series of shards per process.
+
+::
+
+    <out>/shard-<process:05d>-<k:05d>.tar     members <id>.jpg, <id>.png, <id>.json (the record),
+                                              and <id>.npz when soft masks are kept
+    <out>/id2label.json
+    <out>/manifest-<process>.jsonl            one line per item, naming its shard
+
+Files sharing a basename form a sample (the WebDataset convention), so ``webdataset.WebDataset``
+or any tar reader consumes the shards as they are. Only Python's ``tarfile`` is used.
+
+A shard is written to a temporary name and renamed to its final name when it holds ``maxcount``
+items (or ``maxsize`` bytes, or the writer closes); only then are its items' manifest lines
+appended. A shard counts as complete when the ids of its members equal the ids of the manifest
+lines naming it; a resumed run deletes incomplete shards and makes their items again. Members carry
+fixed metadata (mtime 0, uid 0, mode 0o644), so equal items give byte-equal shards.
+"""
+
+import io
+import os
+import re
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from ports.store import atomic, manifest, voc
+
+_SHARD = re.compile(r"shard-(\d{5,})-(\d{5,})\.tar")
+
+
+def shard_name(process_index: int, number: int) -> str:
+    """``shard_name(1, 3) == "shard-00001-00003.tar"``."""
+    return f"shard-{process_index:05d}-{number:05d}.tar"
+
+
+class _FdFile:
+    """The little of a binary file that ``tarfile`` needs, writing through ``atomic.write_all``."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.position = 0
+
+    def write(self, data) -> int:
+        atomic.write_all(self.fd, data)
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+
+class ShardWriter:
+    """Writes items into WebDataset tar shards for one process.
+
+    Use after ``manifest.open_dataset`` (``run_config["format"] == "webdataset"``), for the global
+    indices ``Dataset.todo(total)`` returns; ``close`` finalizes the last, partial shard. New shards
+    are numbered after the highest existing one of this process.
+
+    Args:
+      out: the dataset folder.
+      id2label: class ids to names (ids 0..254).
+      process_index: this process; names its shards and manifest.
+      maxcount: items per shard.
+      maxsize: optional bytes per shard; a shard is closed once it reaches this size.
+      jpeg_quality: JPEG quality of the images.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        id2label: Mapping[int, str],
+        *,
+        process_index: int = 0,
+        maxcount: int = 1000,
+        maxsize: int | None = None,
+        jpeg_quality: int = 95,
+    ):
+        if maxcount < 1:
+            raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+        self.out = Path(out)
+        self.id2label = voc.check_id2label(id2label)
+        self.process_index = process_index
+        self.maxcount = maxcount
+        self.maxsize = maxsize
+        self.jpeg_quality = int(jpeg_quality)
+        self._valid = voc.valid_labels(self.id2label)
+        atomic.make_folder(self.out)
+        if process_index == 0:
+            voc.write_id2label(self.out, self.id2label)
+        numbers = [
+            int(m.group(2))
+            for m in map(_SHARD.fullmatch, os.listdir(self.out))
+            if m and int(m.group(1)) == process_index
+        ]
+        self._next = max(numbers, default=-1) + 1
+        self._manifest = manifest.ManifestWriter(self.out / manifest.manifest_name(process_index))
+        self._tar: tarfile.TarFile | None = None
+        self._fd: int | None = None
+        self._temp: Path | None = None
+        self._pending: list[dict] = []
+
+    def _open_shard(self) -> None:
+        self._name = shard_name(self.process_index, self._next)
+        self._temp = atomic.temp_name(self.out / self._name)
+        try:
+            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._tar = tarfile.open(fileobj=_FdFile(self._fd), mode="w", format=tarfile.USTAR_FORMAT)
+        except OSError as exc:
+            self._abandon()
+            raise atomic.explain(exc, self.out / self._name) from exc
+
+    def _abandon(self) -> None:
+        """Drop the shard being written (after an error): close and remove its temporary file."""
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._temp is not None:
+            atomic.remove_quietly(self._temp)
+        self._tar, self._fd, self._temp, self._pending = None, None, None, []
+
+    def _add(self, name: str, data: bytes) -> None:
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        member.mtime = 0
+        member.mode = 0o644
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        self._tar.addfile(member, io.BytesIO(data))
+
+    def write(self, global_index: int, image, label_map, record: Mapping, soft_masks=None) -> str:
+        """Add one item to the current shard; finalize the shard when it is full.
+
+        Arguments as ``VocWriter.write``. The item's manifest line is written when its shard is
+        finalized, so an item counts as finished only once its shard is complete.
+
+        Raises:
+          ValueError: a bad array or record (nothing is written).
+          StoreError: the shard could not be written; the unfinished shard is removed (its items are
+            made again on resume) and the writer starts a new shard on the next call.
+        """
+        record, payload = voc.item_payload(
+            global_index, image, label_map, record, soft_masks, self._valid, self.jpeg_quality
+        )
+        if self._tar is None:
+            self._open_shard()
+        record["shard"] = self._name
+        record["files"] = {role: voc.file_entry(n, d) for role, (n, d) in payload.items()}
+        try:
+            for name, data in payload.values():
+                self._add(name, data)
+            self._add(f"{record['id']}.json", manifest.encode_record(record))
+        except OSError as exc:
+            path = self.out / self._name
+            self._abandon()
+            raise atomic.explain(exc, path) from exc
+        except BaseException:
+            self._abandon()
+            raise
+        self._pending.append(record)
+        full = len(self._pending) >= self.maxcount
+        if full or (self.maxsize is not None and self._tar.fileobj.tell() >= self.maxsize):
+            self.flush()
+        return record["id"]
+
+    def flush(self) -> None:
+        """Finalize the current shard (if it holds items): close the tar, fsync, rename, then append
+        its items' manifest lines."""
+        if self._tar is None:
+            return
+        final = self.out / self._name
+        try:
+            self._tar.close()
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._temp, final)
+        except OSError as exc:
+            self._abandon()
+            raise atomic.explain(exc, final) from exc
+        atomic.fsync_folder(self.out)
+        pending = self._pending
+        self._tar, self._temp, self._pending = None, None, []
+        self._next += 1
+        self._manifest.append(pending)
+
+    def close(self) -> None:
+        """Finalize the last shard and close the manifest."""
+        try:
+            self.flush()
+        finally:
+            self._manifest.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc_info):
+        if exc_type is None:
+            self.close()
+        else:  # an error mid-run: leave the partial shard out, keep what is finished
+            self._abandon()
+            self._manifest.close()
+
+
+Writer = ShardWriter
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and merge hooks (called by ports.store.manifest)
+
+
+def _members(record: dict) -> set[str]:
+    files = record.get("files") or {}
+    return {entry["path"] for entry in files.values()} | {f"{record['id']}.json"}
+
+
+def _tar_names(path: Path) -> set[str] | None:
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            return set(archive.getnames())
+    except (OSError, tarfile.TarError):
+        return None
+
+
+def complete(out: Path, records: list[dict]) -> list[bool]:
+    """For each record, whether its shard exists and holds exactly the members of the records
+    that name it."""
+    expected: dict[str, set[str]] = {}
+    for record in records:
+        shard = record.get("shard")
+        if isinstance(shard, str) and _SHARD.fullmatch(shard):
+            expected.setdefault(shard, set()).update(_members(record))
+    good = {shard for shard, names in expected.items() if _tar_names(out / shard) == names}
+    return [record.get("shard") in good for record in records]
+
+
+def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_count: int) -> None:
+    """Delete the incomplete shards and the temporary files this process owns."""
+    keep = {record["shard"] for record in finished.values()}
+    for entry in out.iterdir():
+        match = _SHARD.fullmatch(entry.name)
+        if match and entry.name not in keep and entry.is_file():
+            if manifest.file_owner(int(match.group(1)), process_count) == process_index:
+                atomic.remove_quietly(entry)
+    manifest.clean_temps(out, process_index, process_count)
+
+
+def finalize(out: Path, merged: list[dict]) -> None:
+    """Nothing to add: the shards are final as written."""
+    del out, merged
+
