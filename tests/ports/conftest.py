@@ -1,0 +1,21 @@
+"""Fixtures shared by the port tests: tiny diffusers-format Stable Diffusion checkpoints."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """A tiny random SD 1.x checkpoint folder (see ``tests/ports/sd/tiny.py``), built once per session."""
+    pytest.importorskip("torch")
+    from tests.ports.sd.tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory):
+    """A tiny random SD 2.x checkpoint folder (linear projections, per-block heads, gelu CLIP)."""
+    pytest.importorskip("torch")
+    from tests.ports.sd.tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), seed=1, sd2=True)
