@@ -160,7 +160,7 @@ def validate_record(record: Mapping) -> None:
       ValueError: naming every missing or mistyped key.
     """
     if not isinstance(record, Mapping):
-        raise ValueError(f"a manifest record must be a dict, got {type(record).__name__}")
+        raise TypeError(f"a manifest record must be a dict, got {type(record).__name__}")
     record = to_json(dict(record))
     problems = []
     for key, kind in REQUIRED_KEYS.items():
@@ -210,7 +210,10 @@ def mask_stats(label_map, class_ids: Iterable[int], ignore_index: int = 255) -> 
     label_map = np.asarray(label_map)
     total = max(label_map.size, 1)
     fraction = {str(int(c)): round(float(np.sum(label_map == c)) / total, 6) for c in class_ids}
-    return {"fraction": fraction, "ignore": round(float(np.sum(label_map == ignore_index)) / total, 6)}
+    return {
+        "fraction": fraction,
+        "ignore": round(float(np.sum(label_map == ignore_index)) / total, 6),
+    }
 
 
 def software_versions() -> dict[str, str | None]:
@@ -240,9 +243,7 @@ class ManifestWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666
-            )
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         except OSError as exc:
             raise atomic.explain(exc, self.path) from exc
 
@@ -295,15 +296,15 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[dict], bool]:
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("global_index"), int):
-                raise ValueError("not a record")
-        except ValueError as exc:
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("global_index"), int):
             raise StoreError(
                 None,
-                f"{path} line {number} is not a manifest record ({exc}); the file was changed "
-                "outside jaxmask. Delete that line (the item is made again on resume) and run again.",
+                f"{path} line {number} is not a manifest record; the file was changed outside "
+                "jaxmask. Delete that line (the item is made again on resume) and run again.",
                 path,
-            ) from exc
+            )
         records.append(record)
     return records, torn
 
@@ -326,7 +327,7 @@ def manifest_files(out: str | os.PathLike) -> list[tuple[Path, int | None]]:
 
 def _normalize_config(run_config: Mapping) -> dict:
     if not isinstance(run_config, Mapping):
-        raise ValueError(f"run_config must be a dict, got {type(run_config).__name__}")
+        raise TypeError(f"run_config must be a dict, got {type(run_config).__name__}")
     config = to_json(dict(run_config))
     fmt = config.setdefault("format", DEFAULT_FORMAT)
     if fmt not in FORMATS:
@@ -363,7 +364,8 @@ def _differences(old, new, prefix="") -> list[str]:
 
 
 def _holds_only_temps(out: Path) -> bool:
-    return all(atomic.is_temp(entry.name) for entry in out.iterdir())
+    # The run config may appear while we look: process 0 creating the folder for everyone.
+    return all(atomic.is_temp(e.name) or e.name == RUN_CONFIG for e in out.iterdir())
 
 
 def _wipe(out: Path) -> None:

@@ -52,9 +52,12 @@ def _voc_palette() -> np.ndarray:
 
 
 try:  # the core's copy, once jaxmask.labels has one
-    from jaxmask.labels import VOC_PALETTE
+    from jaxmask.labels import VOC_PALETTE as _CORE_PALETTE
 except ImportError:
-    VOC_PALETTE = _voc_palette()
+    _CORE_PALETTE = None
+
+#: (256, 3) uint8: the colour of each label value in the PNGs.
+VOC_PALETTE = _voc_palette() if _CORE_PALETTE is None else np.asarray(_CORE_PALETTE, np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def encode_label_png(label_map: np.ndarray) -> bytes:
     """PNG bytes of a uint8 (h, w) label map, palette mode with :data:`VOC_PALETTE`."""
     h, w = label_map.shape
     picture = Image.frombytes("P", (w, h), np.ascontiguousarray(label_map).tobytes())
-    picture.putpalette(np.asarray(VOC_PALETTE, np.uint8).tobytes())
+    picture.putpalette(VOC_PALETTE.tobytes())
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -115,7 +118,9 @@ def encode_soft_masks(soft_masks) -> bytes:
     """
     soft_masks = np.asarray(soft_masks)
     if soft_masks.ndim != 3 or soft_masks.dtype.kind != "f":
-        raise ValueError(f"soft_masks must be float (k, r, r), got {soft_masks.dtype} {soft_masks.shape}")
+        raise ValueError(
+            f"soft_masks must be float (k, r, r), got {soft_masks.dtype} {soft_masks.shape}"
+        )
     if not np.all(np.isfinite(soft_masks)):
         raise ValueError("soft_masks holds NaN or infinity")
     buffer = io.BytesIO()
@@ -178,7 +183,7 @@ def item_payload(
 ) -> tuple[dict, dict[str, tuple[str, bytes]]]:
     """Check an item and encode it: the prepared record and ``{role: (file name, bytes)}``."""
     if isinstance(global_index, bool) or not isinstance(global_index, (int, np.integer)):
-        raise ValueError(f"global_index must be an int, got {global_index!r}")
+        raise TypeError(f"global_index must be an int, got {global_index!r}")
     global_index = int(global_index)
     if global_index < 0:
         raise ValueError(f"global_index must be >= 0, got {global_index}")

@@ -105,7 +105,9 @@ class ShardWriter:
         self._temp = atomic.temp_name(self.out / self._name)
         try:
             self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            self._tar = tarfile.open(fileobj=_FdFile(self._fd), mode="w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.TarFile(
+                fileobj=_FdFile(self._fd), mode="w", format=tarfile.USTAR_FORMAT
+            )
         except OSError as exc:
             self._abandon()
             raise atomic.explain(exc, self.out / self._name) from exc
@@ -238,13 +240,16 @@ def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_c
     keep = {record["shard"] for record in finished.values()}
     for entry in out.iterdir():
         match = _SHARD.fullmatch(entry.name)
-        if match and entry.name not in keep and entry.is_file():
-            if manifest.file_owner(int(match.group(1)), process_count) == process_index:
-                atomic.remove_quietly(entry)
+        if (
+            match
+            and entry.name not in keep
+            and entry.is_file()
+            and manifest.file_owner(int(match.group(1)), process_count) == process_index
+        ):
+            atomic.remove_quietly(entry)
     manifest.clean_temps(out, process_index, process_count)
 
 
 def finalize(out: Path, merged: list[dict]) -> None:
     """Nothing to add: the shards are final as written."""
     del out, merged
-

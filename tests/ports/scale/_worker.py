@@ -12,13 +12,13 @@ import jax
 
 jax.config.update("jax_platforms", "cpu")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
 
-from ports.scale import hosts  # noqa: E402
-from ports.scale.mesh import data_mesh, shard_batch  # noqa: E402
-from ports.store import open_dataset  # noqa: E402
-from tests.ports.store._items import ID2LABEL, SIZE, make_record  # noqa: E402
+from ports.scale import hosts
+from ports.scale.mesh import data_mesh, shard_batch
+from ports.store import open_dataset
+from tests.ports.store._items import ID2LABEL, SIZE, make_record
 
 BASE_SEED = 1234
 

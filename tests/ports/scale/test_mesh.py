@@ -31,7 +31,9 @@ def test_shard_batch_splits_the_leading_axis(devices):
         assert len(shards) == devices
         rows = 8 // devices
         for n, shard in enumerate(shards):
-            np.testing.assert_array_equal(np.asarray(shard.data), batch[name][n * rows : (n + 1) * rows])
+            np.testing.assert_array_equal(
+                np.asarray(shard.data), batch[name][n * rows : (n + 1) * rows]
+            )
     doubled = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x * 2, tree))(sharded)
     np.testing.assert_array_equal(np.asarray(doubled["image"]), batch["image"] * 2)
     assert doubled["image"].sharding.spec[0] == DATA_AXIS
@@ -46,7 +48,9 @@ def test_shard_batch_takes_key_arrays():
 
 def test_shard_batch_errors_say_what_to_do():
     mesh = data_mesh()
-    with pytest.raises(ValueError, match=r"batch size 6 is not a multiple of the 4 devices.*multiple of 4"):
+    with pytest.raises(
+        ValueError, match=r"batch size 6 is not a multiple of the 4 devices.*multiple of 4"
+    ):
         shard_batch(np.zeros((6, 2)), mesh)
     with pytest.raises(ValueError, match="scalar"):
         shard_batch({"a": np.zeros((4,)), "b": jnp.float32(1.0)}, mesh)

@@ -33,10 +33,13 @@ def run_processes(out, process_count, batch_size):
     }
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.ports.scale._worker", str(out), str(p),
-             str(process_count), str(port), str(batch_size), str(TOTAL)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "tests.ports.scale._worker", str(out), str(p)]
+            + [str(process_count), str(port), str(batch_size), str(TOTAL)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for p in range(process_count)
     ]
     outputs = []
@@ -66,6 +69,8 @@ def test_two_processes_make_the_same_dataset_as_one(tmp_path):
     assert [r["global_index"] for r in records] == list(range(TOTAL))
     # each item's key is fold_in(key(seed), global_index), computed here independently
     for record in records:
-        expected = jax.random.key_data(jax.random.fold_in(jax.random.key(1234), record["global_index"]))
+        expected = jax.random.key_data(
+            jax.random.fold_in(jax.random.key(1234), record["global_index"])
+        )
         np.testing.assert_array_equal(record["seed"]["value"], np.asarray(expected))
     assert not any(p.startswith("manifest-") for p in files)

@@ -19,9 +19,19 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def writer_process(out, fmt, total, *extra):
-    command = [sys.executable, "-m", "tests.ports.store._run_writer", str(out), fmt, str(total), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.ports.store._run_writer",
+        str(out),
+        fmt,
+        str(total),
+        *extra,
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def manifest_lines(out) -> int:
@@ -45,7 +55,9 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tmp_path, fmt, seed):
         target = manifest_lines(out) + 5
         process = writer_process(out, fmt, total, "--slow", "0.003")
         deadline = time.monotonic() + 60
-        while manifest_lines(out) < target and process.poll() is None and time.monotonic() < deadline:
+        while (
+            manifest_lines(out) < target and process.poll() is None and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.03))
         process.send_signal(signal.SIGKILL)

@@ -30,7 +30,7 @@ def no_barrier(name):
 
 
 def test_validate_record_names_every_problem():
-    _, label_map, record, _ = make_item(0)
+    record = make_item(0)[2]
     validate_record(record)
     broken = {k: v for k, v in record.items() if k not in ("prompt", "versions")}
     broken["seed"] = {"rule": "fold_in"}
@@ -54,9 +54,14 @@ def test_record_lines_are_canonical_json():
     _, _, record, _ = make_item(3)
     shuffled = dict(reversed(list(record.items())))
     line = manifest.encode_record(record)
-    assert line == manifest.encode_record(shuffled) and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert (
+        line == manifest.encode_record(shuffled) and line.endswith(b"\n") and line.count(b"\n") == 1
+    )
     assert json.loads(line) == record
-    assert json.loads(manifest.encode_record({"x": np.float32(0.5), "y": np.arange(2)})) == {"x": 0.5, "y": [0, 1]}
+    assert json.loads(manifest.encode_record({"x": np.float32(0.5), "y": np.arange(2)})) == {
+        "x": 0.5,
+        "y": [0, 1],
+    }
     with pytest.raises(ValueError):
         manifest.encode_record({"x": float("nan")})
 
@@ -82,7 +87,11 @@ def test_create_writes_the_run_config(tmp_path):
     out = tmp_path / "a" / "b"
     dataset = open_dataset(out, {"total": 3, "size": (8, 8)})
     assert not dataset.resumed and dataset.done == frozenset() and dataset.format == "voc"
-    assert json.loads((out / RUN_CONFIG).read_text()) == {"total": 3, "size": [8, 8], "format": "voc"}
+    assert json.loads((out / RUN_CONFIG).read_text()) == {
+        "total": 3,
+        "size": [8, 8],
+        "format": "voc",
+    }
     assert dataset.todo(3) == [0, 1, 2]
 
 
@@ -166,7 +175,9 @@ def test_resume_deletes_what_a_crash_left_and_finishes_identically(tmp_path):
     dataset = open_dataset(out, _items.config("voc", total))
     _items.write_items(dataset, range(6))
     # item 6: image written, killed before its label: an orphan without a manifest line
-    (out / "JPEGImages/00000006.jpg").write_bytes((reference / "JPEGImages/00000006.jpg").read_bytes())
+    (out / "JPEGImages/00000006.jpg").write_bytes(
+        (reference / "JPEGImages/00000006.jpg").read_bytes()
+    )
     # item 7: killed inside an atomic write: a temporary file
     (out / "SegmentationClass/.00000007.png.99-abcd.jaxmask-tmp").write_bytes(b"\x89PNG half")
     # item 8: files complete, killed in the middle of appending its manifest line
@@ -242,7 +253,9 @@ def test_two_processes_split_the_work_and_merge(tmp_path, fmt):
     assert [r["global_index"] for r in per_host[1]] == [1, 3, 5, 7]
     merged = merge_manifests(out)
     assert [r["global_index"] for r in merged] == list(range(total))
-    assert not (out / "manifest-00000.jsonl").exists() and not (out / "manifest-00001.jsonl").exists()
+    assert (
+        not (out / "manifest-00000.jsonl").exists() and not (out / "manifest-00001.jsonl").exists()
+    )
     assert merge_manifests(out) == merged  # idempotent
     if fmt == "voc":
         assert snapshot(out) == snapshot(single)

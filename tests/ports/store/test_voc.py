@@ -59,7 +59,9 @@ def test_soft_masks_npz_is_float16_and_byte_stable():
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored, soft_masks.astype(np.float16))
     # no wall-clock timestamp inside, so the bytes depend on the array only
-    assert {m.date_time for m in zipfile.ZipFile(io.BytesIO(data)).infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert {m.date_time for m in zipfile.ZipFile(io.BytesIO(data)).infolist()} == {
+        (1980, 1, 1, 0, 0, 0)
+    }
     assert data == voc.encode_soft_masks(soft_masks.copy())
 
 
@@ -68,8 +70,14 @@ def test_writer_layout_and_contents(tmp_path):
     dataset = open_dataset(out, _items.config("voc", 3))
     _items.write_items(dataset, [0, 1, 2])
     dataset.merge()
-    assert (out / "ImageSets/Segmentation/train.txt").read_text() == "00000000\n00000001\n00000002\n"
-    assert json.loads((out / "id2label.json").read_text()) == {"0": "background", "1": "cat", "2": "dog"}
+    assert (
+        out / "ImageSets/Segmentation/train.txt"
+    ).read_text() == "00000000\n00000001\n00000002\n"
+    assert json.loads((out / "id2label.json").read_text()) == {
+        "0": "background",
+        "1": "cat",
+        "2": "dog",
+    }
     records, torn = read_manifest(out / "manifest.jsonl")
     assert not torn and [r["global_index"] for r in records] == [0, 1, 2]
     for record in records:
@@ -77,7 +85,9 @@ def test_writer_layout_and_contents(tmp_path):
         name = record["id"]
         assert name == f"{record['global_index']:08d}"
         assert record["prompt"] == expected["prompt"] and record["seed"] == expected["seed"]
-        np.testing.assert_array_equal(np.asarray(Image.open(out / f"SegmentationClass/{name}.png")), label_map)
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / f"SegmentationClass/{name}.png")), label_map
+        )
         decoded = np.asarray(Image.open(out / f"JPEGImages/{name}.jpg"))
         assert decoded.shape == image.shape
         with np.load(out / f"SoftMasks/{name}.npz") as archive:
@@ -95,8 +105,17 @@ def test_writer_layout_and_contents(tmp_path):
         (lambda item: {**item, "image": item["image"].astype(np.float32)}, "uint8"),
         (lambda item: {**item, "image": item["image"][:5]}, "differ in size"),
         (lambda item: {**item, "soft_masks": item["soft_masks"][:1]}, "one map per entry"),
-        (lambda item: {**item, "record": {k: v for k, v in item["record"].items() if k != "model"}}, "'model'"),
-        (lambda item: {**item, "record": {**item["record"], "steps": "4"}}, "'steps' should be int"),
+        (
+            lambda item: {
+                **item,
+                "record": {k: v for k, v in item["record"].items() if k != "model"},
+            },
+            "'model'",
+        ),
+        (
+            lambda item: {**item, "record": {**item["record"], "steps": "4"}},
+            "'steps' should be int",
+        ),
         (lambda item: {**item, "record": {**item["record"], "id": "x"}}, "set by the writer"),
         (lambda item: {**item, "global_index": -1}, ">= 0"),
     ],
@@ -105,7 +124,14 @@ def test_bad_items_raise_and_write_nothing(tmp_path, change, message):
     out = tmp_path / "ds"
     dataset = open_dataset(out, _items.config("voc", 3))
     image, label_map, record, soft_masks = make_item(0)
-    item = change(dict(global_index=0, image=image, label_map=label_map, record=record, soft_masks=soft_masks))
+    item = {
+        "global_index": 0,
+        "image": image,
+        "label_map": label_map,
+        "record": record,
+        "soft_masks": soft_masks,
+    }
+    item = change(item)
     before = snapshot(out)
     with dataset.writer(ID2LABEL) as writer:
         after_open = snapshot(out)
@@ -115,7 +141,9 @@ def test_bad_items_raise_and_write_nothing(tmp_path, change, message):
     assert not list((out / "JPEGImages").iterdir())
 
 
-@pytest.mark.parametrize("failing", ["JPEGImages", "SegmentationClass", "SoftMasks", "manifest-00000"])
+@pytest.mark.parametrize(
+    "failing", ["JPEGImages", "SegmentationClass", "SoftMasks", "manifest-00000"]
+)
 def test_full_disk_mid_item_leaves_nothing_half_written(tmp_path, monkeypatch, failing):
     reference = tmp_path / "reference"
     _items.run(reference, "voc", 4)

@@ -76,7 +76,10 @@ def test_resume_deletes_incomplete_shards_and_finishes_identically(tmp_path):
     (out / ".shard-00000-00003.tar.7-abcd.jaxmask-tmp").write_bytes(b"partial tar")
     dataset = open_dataset(out, _items.config("webdataset", total))
     assert dataset.done == set(range(8))
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-00000-00000.tar", "shard-00000-00001.tar"]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [
+        "shard-00000-00000.tar",
+        "shard-00000-00001.tar",
+    ]
     assert temp_files(out) == []
     assert len(read_manifest(out / "manifest-00000.jsonl")[0]) == 8
     _items.write_items(dataset, dataset.todo(total))
