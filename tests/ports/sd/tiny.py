@@ -85,9 +85,11 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
 
     Returns:
       ``Path(path)``. The UNet takes 16x16x4 latents (``sample_size`` 16) and the VAE maps them to 64x64
-      images (scale factor 4); cross-attention runs at latent sides 16 and 8 and in the mid block (4).
+      images (scale factor 4); attention runs at latent sides 16 (down 0, up 1) and 8 (down 1, mid, up 0).
     """
     import torch
+
+    import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation message logged at import)
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
