@@ -154,7 +154,10 @@ class CLIPTextEncoder(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding"
         )
         position_embedding = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="position_embedding"
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            name="position_embedding",
         )
         hidden = token_embedding(token_ids) + position_embedding(jnp.arange(t))[None]
         for i in range(cfg.num_hidden_layers):

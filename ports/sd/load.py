@@ -109,8 +109,8 @@ class StableDiffusion:
       latent_channels: channels of the latents (4 for SD 1.x / 2.x).
       vae_scale_factor: image side / latent side, ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD).
       source: the folder or hub id it was loaded from.
-      fingerprint: identifies the weights: the hub commit hash, or for a local folder a sha256 over the
-        files' names, sizes and first MiB.
+      fingerprint: identifies the weights: ``"<hub id>@<commit hash>"``, or for a local folder
+        ``"sha256:..."`` over the files' names, sizes and sampled contents (see ``_fingerprint``).
       dtype: the dtype of the params and of the modules' computation.
     """
 
@@ -191,14 +191,18 @@ def load(
     """
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype must be a float dtype such as jnp.float32 or jnp.bfloat16, got {dtype}")
+        raise ValueError(
+            f"dtype must be a float dtype such as jnp.float32 or jnp.bfloat16, got {dtype}"
+        )
     folder, fingerprint = _resolve(model, revision)
     unet_config, vae_config, text_config = _check_architecture(folder)
 
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    unet = FlaxUNet2DConditionModel.from_config(_known(FlaxUNet2DConditionModel, unet_config), dtype=dtype)
+    unet = FlaxUNet2DConditionModel.from_config(
+        _known(FlaxUNet2DConditionModel, unet_config), dtype=dtype
+    )
     unet_shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     unet_params = _convert_diffusers(_read_weights(folder / "unet"), unet_shapes, "unet")
 
@@ -270,7 +274,9 @@ def _resolve(model: str | os.PathLike, revision: str | None) -> tuple[Path, str]
         if not path.is_dir():
             raise FileNotFoundError(f"{str(model)!r} is a file, not a folder: {_FOLDER_HINT}")
         if revision is not None:
-            raise ValueError(f"revision={revision!r} is for Hub ids; {str(model)!r} is a local folder")
+            raise ValueError(
+                f"revision={revision!r} is for Hub ids; {str(model)!r} is a local folder"
+            )
         return path, _fingerprint(path)
     text = os.fspath(model)
     looks_like_path = (
@@ -315,16 +321,32 @@ def _fetch(repo_id: str, revision: str | None) -> tuple[Path, str]:
     return folder, f"{repo_id}@{folder.name}"
 
 
+_HEAD = 1 << 20  # bytes hashed at each file's start and end
+_SAMPLES = 32  # and this many 64 KiB chunks spread evenly between them
+_SAMPLE = 1 << 16
+
+
 def _fingerprint(folder: Path) -> str:
-    """sha256 over the checkpoint files' relative names, sizes and first MiB (cheap on 5 GB folders)."""
+    """sha256 over the checkpoint files' relative names and sizes, their first and last MiB and 32
+    evenly spaced 64 KiB chunks (about 4 MiB read per file, so cheap on a 5 GB folder, yet a fine-tune
+    that changes only some layers, e.g. a merged LoRA, still changes it)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder).as_posix()
         if relative.startswith(".") or "/." in relative:  # .cache, .git, ...
             continue
-        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        size = file.stat().st_size
+        digest.update(f"{relative}\0{size}\0".encode())
         with open(file, "rb") as f:
-            digest.update(hashlib.sha256(f.read(1 << 20)).digest())
+            if size <= 2 * _HEAD + _SAMPLES * _SAMPLE:
+                digest.update(f.read())
+                continue
+            digest.update(f.read(_HEAD))
+            for i in range(_SAMPLES):
+                f.seek(_HEAD + (size - 2 * _HEAD) * i // _SAMPLES)
+                digest.update(f.read(_SAMPLE))
+            f.seek(size - _HEAD)
+            digest.update(f.read(_HEAD))
     return "sha256:" + digest.hexdigest()
 
 
@@ -347,16 +369,14 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
         )
     for name in REQUIRED:
         if not (folder / name).is_dir():
-            raise FileNotFoundError(
-                f"{folder} has no {name}/ subfolder; {_FOLDER_HINT}"
-            )
+            raise FileNotFoundError(f"{folder} has no {name}/ subfolder; {_FOLDER_HINT}")
     for name in ("unet", "vae", "text_encoder"):
         if not (folder / name / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{folder / name} has no config.json; {_FOLDER_HINT}"
-            )
+            raise FileNotFoundError(f"{folder / name} has no config.json; {_FOLDER_HINT}")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'scheduler'} has no scheduler_config.json; {_FOLDER_HINT}")
+        raise FileNotFoundError(
+            f"{folder / 'scheduler'} has no scheduler_config.json; {_FOLDER_HINT}"
+        )
 
     unet = _read_json(folder / "unet" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
@@ -378,7 +398,9 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
         )
     for key, value in _UNET_FIXED.items():
         if unet.get(key, value) != value:
-            raise unsupported(f"unet {key}={unet[key]!r} (the Flax UNet implements {key}={value!r})")
+            raise unsupported(
+                f"unet {key}={unet[key]!r} (the Flax UNet implements {key}={value!r})"
+            )
     for key, allowed in (
         ("down_block_types", _UNET_DOWN),
         ("up_block_types", _UNET_UP),
@@ -484,7 +506,10 @@ def _read_bin(file: Path) -> dict[str, np.ndarray]:
 def _convert_diffusers(state: Mapping[str, np.ndarray], shapes, component: str) -> dict:
     """A diffusers PyTorch state dict -> Flax params, with diffusers' own key rules, checked against
     the ``eval_shape`` tree ``shapes``."""
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+    from diffusers.models.modeling_flax_pytorch_utils import (
+        rename_key,
+        rename_key_and_reshape_tensor,
+    )
 
     expected = flatten_dict(shapes)
     flat = {}

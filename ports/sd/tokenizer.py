@@ -37,7 +37,9 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
         # SD 1.x: [49406, 320, 1125, 539, 320, 2368, 49407]
     """
     if isinstance(prompts, str):
-        raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; wrap it: [prompt]")
+        raise TypeError(
+            f"prompts must be a list of strings, got the string {prompts!r}; wrap it: [prompt]"
+        )
     max_length = _max_length(tokenizer)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
@@ -76,7 +78,9 @@ def class_ids(tokenizer, name: str) -> list[int]:
 
 
 def _word_ids(tokenizer, text: str) -> list[int]:
-    return [int(i) for i in tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]]
+    return [
+        int(i) for i in tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+    ]
 
 
 def _max_length(tokenizer) -> int:

@@ -17,6 +17,8 @@ Needs torch (the ``test`` extra); it runs in about a second.
 import json
 from pathlib import Path
 
+import ports.sd  # noqa: F401  (silences the Flax deprecation message diffusers logs at import)
+
 # Whole-word tokens of the tiny vocabulary (each also gets its BPE merge chain).
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "potted", "plant", "the", "on", "table")
 
@@ -88,8 +90,6 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
       images (scale factor 4); attention runs at latent sides 16 (down 0, up 1) and 8 (down 1, mid, up 0).
     """
     import torch
-
-    import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation message logged at import)
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -152,14 +152,14 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
     vae.save_pretrained(path / "vae", safe_serialization=True)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
 
-    scheduler_kwargs = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler_kwargs = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
     if sd2:
         scheduler = DDIMScheduler(clip_sample=False, prediction_type="epsilon", **scheduler_kwargs)
     else:

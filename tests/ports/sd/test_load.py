@@ -1,0 +1,395 @@
+"""ports.sd.load / clip / tokenizer: parity with PyTorch diffusers and transformers on the tiny SD 1.x
+and SD 2.x checkpoints, bf16, the errors, and tokenization.
+
+Every expected value comes from PyTorch (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``,
+transformers ``CLIPTextModel``, ``CLIPTokenizer``) run on the same weights and inputs.
+"""
+
+import logging
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ports.sd.clip import convert_state_dict
+from ports.sd.load import StableDiffusion, _fingerprint, load
+from ports.sd.tokenizer import class_ids, tokenize
+
+pytestmark = [
+    # diffusers' PyTorch loaders, on these machines without accelerate/torchvision
+    pytest.mark.filterwarnings("ignore::UserWarning:diffusers.*"),
+    pytest.mark.filterwarnings("ignore::UserWarning:transformers.*"),
+]
+
+BATCH = 2
+LATENT = 16  # tiny UNet sample_size; the tiny VAE maps it to 64x64 images
+
+
+def _close(actual, expected, rel):
+    """max |actual - expected| <= rel * max |expected| (returns the error relative to that scale)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = float(np.abs(actual - expected).max() / np.abs(expected).max())
+    assert error <= rel, f"relative max error {error:.2e} > {rel:.0e}"
+    return error
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd_path):
+    return load(tiny_sd_path)
+
+
+@pytest.fixture(scope="module")
+def sd2(tiny_sd2_path):
+    return load(tiny_sd2_path)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def model(request):
+    """(checkpoint folder, loaded StableDiffusion) for each flavour."""
+    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd1" else "tiny_sd2_path")
+    return path, request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    return {
+        "latents": rng.standard_normal((BATCH, 4, LATENT, LATENT)).astype(np.float32),
+        "timesteps": np.array([10, 731]),
+        "text": rng.standard_normal((BATCH, 77, 32)).astype(np.float32),
+        "images": rng.uniform(-1, 1, (BATCH, 3, 64, 64)).astype(np.float32),
+    }
+
+
+def _torch_unet(path, *, like_flax=False):
+    """diffusers' PyTorch UNet; ``like_flax`` reproduces the two numerical choices of diffusers' Flax
+    UNet (tanh-approximate GELU in GEGLU; GroupNorm eps 1e-5 in Transformer2D, PyTorch has 1e-6) so
+    that what remains is the weight conversion alone."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
+    if like_flax:
+        for module in unet.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.eps = 1e-5
+            if type(module).__name__ == "GEGLU":
+                module.gelu = lambda gate: torch.nn.functional.gelu(gate, approximate="tanh")
+    return unet
+
+
+def test_load_returns_stable_diffusion(model):
+    path, sd = model
+    assert isinstance(sd, StableDiffusion)
+    assert sd.source == str(path)
+    assert sd.latent_channels == 4 and sd.vae_scale_factor == 4
+    assert sd.fingerprint.startswith("sha256:")
+    assert sd.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert "params" not in repr(sd)  # the repr does not print weights
+
+
+def test_unet_matches_pytorch(model, inputs):
+    path, sd = model
+    unet_call = jax.jit(
+        lambda params, x, t, text: sd.unet.apply({"params": params}, x, t, text).sample
+    )
+    out = unet_call(sd.unet_params, inputs["latents"], inputs["timesteps"], inputs["text"])
+    args = [torch.from_numpy(inputs[k]) for k in ("latents", "timesteps", "text")]
+    with torch.no_grad():
+        exact = _torch_unet(path, like_flax=True)(*args).sample.numpy()
+        stock = _torch_unet(path)(*args).sample.numpy()
+    _close(out, exact, 1e-5)  # the conversion itself
+    _close(out, stock, 1e-4)  # against stock PyTorch, incl. diffusers' Flax GELU / eps differences
+
+
+def test_vae_matches_pytorch(model, inputs):
+    from diffusers import AutoencoderKL
+
+    path, sd = model
+    vae = AutoencoderKL.from_pretrained(path / "vae").eval()
+
+    def decode(params, z):
+        return sd.vae.apply({"params": params}, z, method=sd.vae.decode).sample
+
+    def encode(params, x):
+        dist = sd.vae.apply({"params": params}, x, method=sd.vae.encode).latent_dist
+        return dist.mean, dist.std
+
+    image = jax.jit(decode)(sd.vae_params, inputs["latents"])
+    mean, std = jax.jit(encode)(sd.vae_params, inputs["images"])
+    with torch.no_grad():
+        image_pt = vae.decode(torch.from_numpy(inputs["latents"])).sample.numpy()
+        dist_pt = vae.encode(torch.from_numpy(inputs["images"])).latent_dist
+    assert image.shape == (BATCH, 3, 64, 64)
+    _close(image, image_pt, 1e-5)
+    # diffusers' Flax encoder returns NHWC moments
+    _close(np.moveaxis(np.asarray(mean), -1, 1), dist_pt.mean.numpy(), 1e-5)
+    _close(np.moveaxis(np.asarray(std), -1, 1), dist_pt.std.numpy(), 1e-5)
+
+
+def test_text_encoder_matches_pytorch(model):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, sd = model
+    prompts = ["a photo of a cat", "a red potted plant on the table, zebra"]
+    ids = tokenize(sd.tokenizer, prompts)
+    out = jax.jit(lambda p, i: sd.text_encoder.apply({"params": p}, i))(sd.text_params, ids)
+    tokenizer_pt = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    ids_pt = tokenizer_pt(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = CLIPTextModel.from_pretrained(path / "text_encoder").eval()(ids_pt.input_ids)
+    np.testing.assert_array_equal(ids, ids_pt.input_ids.numpy())
+    assert out.shape == (2, 77, 32)
+    _close(out, expected.last_hidden_state.numpy(), 1e-5)
+
+
+def test_clip_keys_with_and_without_text_model_prefix(tiny_sd_path):
+    from safetensors.numpy import load_file
+
+    bare = load_file(tiny_sd_path / "text_encoder" / "model.safetensors")
+    assert not any(k.startswith("text_model.") for k in bare)
+    prefixed = {f"text_model.{k}": v for k, v in bare.items()}
+    prefixed["text_model.embeddings.position_ids"] = np.arange(77)[
+        None
+    ]  # a buffer older files carry
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, convert_state_dict(prefixed), convert_state_dict(bare)
+    )
+
+
+def test_attention_resolutions_match_pytorch(model):
+    """The sides where PyTorch's UNet runs self-attention (attn1 sequence length = side**2)."""
+    path, sd = model
+    unet = _torch_unet(path)
+    for image_side in (64, 128):
+        sides = set()
+
+        def record(module, args, out, sides=sides):
+            sides.add(int(args[0].shape[1] ** 0.5))
+
+        hooks = [
+            module.register_forward_hook(record)
+            for name, module in unet.named_modules()
+            if name.endswith("attn1")
+        ]
+        latent = image_side // sd.vae_scale_factor
+        with torch.no_grad():
+            unet(torch.zeros(1, 4, latent, latent), torch.tensor([1]), torch.zeros(1, 77, 32))
+        for hook in hooks:
+            hook.remove()
+        assert sd.attention_resolutions(image_side, image_side) == tuple(sorted(sides))
+
+
+def test_attention_resolutions_errors(model):
+    _, sd = model
+    with pytest.raises(ValueError, match="square"):
+        sd.attention_resolutions(64, 128)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sd.attention_resolutions(60, 60)
+
+
+def test_bf16(tiny_sd_path, sd1):
+    sd = load(tiny_sd_path, dtype=jnp.bfloat16)
+    reference = sd1
+    for params in (sd.unet_params, sd.vae_params, sd.text_params):
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {
+            jnp.dtype(jnp.bfloat16)
+        }
+    assert sd.dtype == jnp.bfloat16 and sd.unet.dtype == jnp.bfloat16
+    ids = tokenize(sd.tokenizer, ["a photo of a dog"])
+    out = jax.jit(sd.text_encoder.apply)({"params": sd.text_params}, ids)
+    expected = jax.jit(reference.text_encoder.apply)({"params": reference.text_params}, ids)
+    assert out.dtype == jnp.bfloat16
+    _close(out, expected, 5e-2)
+
+
+def test_bin_weights_load_like_safetensors(tiny_sd_path, tmp_path):
+    from safetensors.numpy import load_file
+
+    from ports.sd.load import _read_weights
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    state = load_file(tiny_sd_path / "text_encoder" / "model.safetensors")
+    torch.save(
+        {f"text_model.{k}": torch.from_numpy(v) for k, v in state.items()}, folder / "model.bin"
+    )
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        convert_state_dict(_read_weights(folder)),
+        convert_state_dict(state),
+    )
+
+
+def test_bin_weights_without_torch_say_so(tmp_path, monkeypatch):
+    from ports.sd.load import _read_weights
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(ImportError, match="needs torch.*safetensors"):
+        _read_weights(folder)
+
+
+def test_fingerprint_is_stable_and_tracks_weights(tiny_sd_path, tmp_path):
+    copy = shutil.copytree(tiny_sd_path, tmp_path / "copy")
+    assert _fingerprint(copy) == _fingerprint(tiny_sd_path)
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert _fingerprint(copy) != _fingerprint(tiny_sd_path)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def broken(tiny_sd_path, tmp_path):
+    """A fresh copy of the tiny SD 1.x folder to break."""
+    return shutil.copytree(tiny_sd_path, tmp_path / "sd")
+
+
+def _edit_json(path, **changes):
+    import json
+
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at .*Hub id"):
+        load(tmp_path / "nothing-here")
+
+
+def test_file_instead_of_folder(tiny_sd_path):
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder.*from_single_file"):
+        load(tiny_sd_path / "model_index.json")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])
+def test_missing_subfolder(broken, component):
+    shutil.rmtree(broken / component)
+    with pytest.raises(FileNotFoundError, match=f"no {component}/ subfolder.*save_pretrained"):
+        load(broken)
+
+
+def test_sdxl_text_encoder_2_is_refused(broken):
+    (broken / "text_encoder_2").mkdir()
+    with pytest.raises(ValueError, match="SDXL.*1.x / 2.x only"):
+        load(broken)
+
+
+def test_addition_embed_type_is_refused(broken):
+    _edit_json(broken / "unet" / "config.json", addition_embed_type="text_time")
+    with pytest.raises(ValueError, match="addition_embed_type.*SD 1.x / 2.x only"):
+        load(broken)
+
+
+def test_inpainting_unet_is_refused(broken):
+    _edit_json(broken / "unet" / "config.json", in_channels=9)
+    with pytest.raises(ValueError, match="inpainting"):
+        load(broken)
+
+
+def test_missing_weight_file(broken):
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError, match="no weight file in .*unet.*safe_serialization=True"
+    ):
+        load(broken)
+
+
+def test_weights_not_matching_config(broken):
+    from safetensors.numpy import load_file, save_file
+
+    file = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    del state["conv_in.weight"]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    save_file(state, file)
+    with pytest.raises(ValueError, match="missing: conv_in/kernel; unexpected: extra/kernel"):
+        load(broken)
+
+
+def test_bad_hub_id_names_the_fix(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # Offline and an empty cache: no network access, fails at once.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="fetching it from the Hugging Face Hub failed.*local"):
+        load("no-such-owner/no-such-model")
+
+
+def test_flax_deprecation_message_is_silenced(capfd, model):
+    _, sd = model
+    jax.eval_shape(sd.unet.init_weights, jax.random.PRNGKey(0))  # runs every module's setup
+    assert "Flax classes are deprecated" not in capfd.readouterr().err
+    record = logging.LogRecord(
+        "diffusers.models.attention_flax",
+        logging.WARNING,
+        __file__,
+        0,
+        "Flax classes are deprecated and will be removed in Diffusers v0.40.0.",
+        None,
+        None,
+    )
+    assert not logging.getLogger("diffusers.models.attention_flax").filter(record)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenize_matches_transformers(tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    prompts = ["a photo of a cat", "A Red Potted Plant.", ""]
+    ids = tokenize(tokenizer, prompts)
+    expected = tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids.dtype == np.int32 and ids.shape == (3, 77)
+    np.testing.assert_array_equal(ids, np.array(expected))
+
+
+def test_tokenize_truncates_long_prompts_with_a_warning(tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    prompt = "a cat " * 80  # 160 tokens + BOS/EOS
+    with pytest.warns(UserWarning, match=r"prompt 'a cat a cat .* 85 tokens dropped"):
+        ids = tokenize(tokenizer, [prompt])
+    expected = tokenizer([prompt], padding="max_length", max_length=77, truncation=True).input_ids
+    np.testing.assert_array_equal(ids, np.array(expected))
+
+
+def test_tokenize_rejects_a_bare_string(tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    with pytest.raises(TypeError, match="wrap it"):
+        tokenize(tokenizer, "a cat")
+
+
+def test_class_ids(tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
+    prompt = tokenizer("a red potted plant").input_ids
+    plant = class_ids(tokenizer, "potted plant")
+    assert len(plant) == 2 and plant == prompt[3:5]  # [BOS, a, red, potted, plant, EOS]
+    zebra = class_ids(tokenizer, "zebra")  # unknown word: character tokens
+    assert zebra == tokenizer("zebra", add_special_tokens=False).input_ids and len(zebra) > 1
+    assert tokenizer.bos_token_id not in zebra and tokenizer.eos_token_id not in zebra
+    with pytest.raises(ValueError, match="non-empty"):
+        class_ids(tokenizer, "  ")
