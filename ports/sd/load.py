@@ -437,9 +437,10 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
 
 
 def _known(cls, config: Mapping) -> dict:
-    """The config entries the Flax class has fields for (diffusers would log the rest as unexpected)."""
+    """The config entries the Flax class has fields for (diffusers would log the rest as unexpected),
+    JSON lists as tuples so that the module stays hashable (a static argument to ``jax.jit``)."""
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-    return {k: v for k, v in config.items() if k in names}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
 
 
 # ------------------------------------------------------------------------------------------ weights

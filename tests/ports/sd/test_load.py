@@ -332,6 +332,40 @@ def test_bad_hub_id_names_the_fix(tmp_path, monkeypatch):
         load("no-such-owner/no-such-model")
 
 
+def test_hub_id_downloads_configs_then_weights(tiny_sd_path, sd1, tmp_path, monkeypatch):
+    """A fake ``snapshot_download`` serving the tiny folder (its text encoder as a .bin only): the
+    loader asks for configs first, then safetensors, then .bin where a component has none."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    from safetensors.numpy import load_file
+
+    repo = shutil.copytree(tiny_sd_path, tmp_path / "repo")
+    state = load_file(repo / "text_encoder" / "model.safetensors")
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in state.items()}, repo / "text_encoder" / "model.bin"
+    )
+    (repo / "text_encoder" / "model.safetensors").unlink()
+    snapshot = tmp_path / "cache" / "snapshots" / "0123abcd"
+    requests = []
+
+    def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None):
+        requests.append(list(allow_patterns))
+        files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    sd = load("someone/tiny-sd")
+    assert sd.source == "someone/tiny-sd" and sd.fingerprint == "someone/tiny-sd@0123abcd"
+    assert len(requests) == 3 and requests[2] == ["text_encoder/model.bin"]
+    assert not any(p.name.endswith(".bin") for p in snapshot.rglob("*") if "unet" in p.parts)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, sd.text_params, sd1.text_params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, sd.unet_params, sd1.unet_params)
+
+
 def test_flax_deprecation_message_is_silenced(capfd, model):
     _, sd = model
     jax.eval_shape(sd.unet.init_weights, jax.random.PRNGKey(0))  # runs every module's setup
