@@ -5,6 +5,8 @@ The core (this package) is pure: functions on ONE example's arrays, jit-able, ba
 ``ports.api`` (the one sanctioned edge from the core to the shell, see docs/architecture.md).
 """
 
+from jaxmask import labels, maps, methods, metrics, refine, synthetic, threshold, tokens
+from jaxmask.labels import VOC_PALETTE, colorize, label_map
 from jaxmask.maps import (
     AttentionMaps,
     CaptureSpec,
@@ -14,6 +16,11 @@ from jaxmask.maps import (
     normalize_minmax,
     normalize_minmax_damped,
 )
+from jaxmask.masks import check_maps, extract_masks
+from jaxmask.methods import ca, ca_sa, seediff
+from jaxmask.metrics import confusion_matrix, iou, mean_iou
+from jaxmask.refine import PAMR_DEFAULT, PAMR_SEEDIFF, PAMRConfig, pamr, resize
+from jaxmask.threshold import threshold_otsu
 from jaxmask.tokens import class_token_weights, match_tokens, token_positions, weights_from_matches
 
 __version__ = "0.1.0"

@@ -51,10 +51,10 @@ def cross_attention(
     logits = jnp.zeros((r, r, num_tokens), jnp.float32)
     logits = logits.at[..., 0].set(3.0)  # BOS soaks up most attention, as in SD
     for c in range(num_classes):
-        region = labels == c + 1
+        region = (labels == c + 1).astype(jnp.float32)
         if mode == "peak":
-            ys, xs = jnp.nonzero(region, size=r * r, fill_value=-1)
-            count = jnp.maximum(jnp.sum(region), 1)
+            ys, xs = jnp.nonzero(region > 0, size=r * r, fill_value=-1)
+            count = jnp.maximum(jnp.sum(region > 0), 1)
             cy, cx = ys[count // 2], xs[count // 2]  # a pixel inside the box
             strength = jnp.zeros((r, r)).at[cy, cx].set(4.0) + 1.0 * region
         else:

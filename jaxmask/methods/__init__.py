@@ -21,6 +21,7 @@ from jaxmask.methods.seediff import (
     SEEDIFF_CODE,
     SEEDIFF_PAPER,
     SeeDiffConfig,
+    background_seeds,
     expand,
     initial_seeds,
     invert_background,
@@ -59,5 +60,5 @@ def get(name: str, **overrides) -> MethodConfig:
 __all__ = [
     "CA", "CA_SA", "SEEDIFF_CODE", "SEEDIFF_PAPER", "PRESETS", "MethodConfig",
     "CAConfig", "CASAConfig", "SeeDiffConfig", "ca", "ca_sa", "seediff", "get",
-    "expand", "initial_seeds", "invert_background", "seed_threshold",
+    "background_seeds", "expand", "initial_seeds", "invert_background", "seed_threshold",
 ]

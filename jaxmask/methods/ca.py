@@ -53,6 +53,13 @@ class CAConfig:
 CA = CAConfig()
 
 
+def _normalize_max_or_flat(m):
+    """``m / max(m)``, but a map with no spatial contrast (a token that attends everywhere
+    alike says nothing about where the class is) becomes all zeros instead of all ones."""
+    flat = jnp.max(m) - jnp.min(m) <= 1e-6 * jnp.maximum(jnp.max(m), 1e-12)
+    return jnp.where(flat, jnp.zeros_like(m), normalize_max(m))
+
+
 def ca(
     maps: AttentionMaps, token_weights: Float[Array, "k t"], cfg: CAConfig = CA
 ) -> Float[Array, "k r r"]:
@@ -68,7 +75,8 @@ def ca(
       token_weights: ``(k, t)`` averaging weights from ``class_token_weights``.
 
     Returns:
-      ``(k, R, R)`` soft masks in [0, 1] at the finest side ``R``.
+      ``(k, R, R)`` soft masks in [0, 1] at the finest side ``R``; a token whose map is flat
+      contributes zeros (the reference's ``/max`` would make it a full-image mask).
 
     References: DiffuMask ``parallel_generate_VOC_Attention_AnyClass.py``; SeeDiff Eq. 5
     (aggregation), Table 5 row "CA".
@@ -79,7 +87,7 @@ def ca(
     for r in sides:  # a handful of static sides
         tokens = jnp.mean(maps.cross_at(r), axis=0)  # (r, r, t): layer mean
         up = resize(jnp.moveaxis(tokens, -1, 0), (top, top), cfg.upsample)  # (t, R, R)
-        per_side.append(jax.vmap(normalize_max)(up))
+        per_side.append(jax.vmap(_normalize_max_or_flat)(up))
     token_maps = jnp.mean(jnp.stack(per_side), axis=0)
     soft = jnp.einsum("tij,kt->kij", token_maps, token_weights)
     return jnp.clip(soft, 0.0, 1.0)
