@@ -1,0 +1,252 @@
+"""The Stable Diffusion sampler: one ``jax.jit`` from token ids to images and attention maps.
+
+    ids, negative ids --CLIP--> text (2b, 77, d)                           [unconditional; conditional]
+    noise_i = N(0, I) from fold_in(key, item_id_i), x init_noise_sigma
+    lax.scan over the scheduler's timesteps:                                one UNet body, any step count
+        eps_u, eps_c = UNet([x; x], t, text)      under intercept_attention (ports.sd.capture)
+        x            = scheduler.step(eps_u + g (eps_c - eps_u), t, x)
+        sums        += w_t * this step's maps      w_t from spec.steps_mask: no Python branch on t
+    images = VAE.decode(x / scaling_factor) / 2 + 0.5, clipped to [0, 1]
+    maps   = sums / number of captured steps      (AttentionMaps, one per item)
+
+This is diffusers' ``StableDiffusionPipeline`` loop (same order of CFG halves, ``scale_model_input``,
+``init_noise_sigma``, decode and post-processing), so on the same weights, noise and guidance it gives
+the PyTorch pipeline's latents and images (tests/ports/sd/test_sample.py). Compiles once per (batch
+size, image size, steps, scheduler, capture spec); the key, the item ids, the guidance scale and the
+prompts are traced arguments, so a new seed or prompt never recompiles. Each item's noise depends only
+on ``(key, item_id)``, never on the batch it is in. Running sums of float32 maps sit in the scan carry
+(never stacked per step: a 64x64 self-attention map is 64 MiB per image); nothing leaves the device
+inside the loop.
+
+Example::
+
+    sampler = Sampler(sd)
+    out = sampler(tokenize(sd.tokenizer, prompts), tokenize(sd.tokenizer, [""] * len(prompts)),
+                  jax.random.key(0), steps=50, spec=CaptureSpec(cross=(16,)))
+    out.images        # (b, h, w, 3) float32 in [0, 1]
+    out.maps.cross    # {16: (b, l, 16, 16, 77)}
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
+from jaxmask.maps import AttentionMaps, CaptureSpec
+from ports.sd import schedulers
+from ports.sd.capture import MAPS, intercept_attention, step_maps
+
+_VAE_SCALING = 0.18215  # SD 1.x / 2.x; a VAE config's scaling_factor wins
+
+
+@flax.struct.dataclass
+class Samples:
+    """What one sampler call returns (device arrays, leading axis ``b``).
+
+    Attributes:
+      images: ``(b, h, w, 3)`` float32 in [0, 1] (``round(255 x)`` is diffusers' uint8 image).
+      latents: ``(b, c, h/f, w/f)`` float32, the final latents before decoding (diffusers'
+        ``output_type="latent"``).
+      maps: ``AttentionMaps`` with a leading ``b`` on every array (``jax.vmap`` over it); empty dicts
+        when the spec captures nothing.
+    """
+
+    images: jax.Array
+    latents: jax.Array
+    maps: AttentionMaps
+
+
+def initial_noise(key: jax.Array, item_ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Each item's starting noise: ``N(0, I)`` of ``shape`` from ``fold_in(key, item_id)``, float32.
+
+    Args:
+      key: a PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``).
+      item_ids: ``(b,)`` int, the items' global indices.
+      shape: one item's latent shape ``(c, h/f, w/f)``.
+
+    Returns:
+      ``(b, *shape)`` float32; row ``i`` depends only on ``(key, item_ids[i])``.
+    """
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(
+        item_ids
+    )
+
+
+class Sampler:
+    """The jitted sampler of one loaded model (``ports.sd.load.StableDiffusion``).
+
+    The model's modules are static (held here), its params are arguments of the jitted function (never
+    baked into the program). One ``Sampler`` per loaded model: its jit cache is the compile cache.
+    """
+
+    def __init__(self, sd):
+        self.sd = sd
+        self._schedulers: dict[str, Any] = {}
+        self._run = jax.jit(self._sample, static_argnames=("steps", "side", "scheduler", "spec"))
+
+    def scheduler(self, name: str):
+        """The diffusers Flax scheduler ``name`` for this checkpoint (built once, then reused)."""
+        key = schedulers.canonical_name(name)
+        if key not in self._schedulers:
+            self._schedulers[key] = schedulers.make(key, self.sd.scheduler_config)
+        return self._schedulers[key]
+
+    def num_model_calls(self, steps: int, scheduler: str = "ddim") -> int:
+        """UNet evaluations (scan length) of ``steps`` inference steps: what ``spec.steps_mask`` counts."""
+        return schedulers.num_model_calls(self.scheduler(scheduler), steps)
+
+    def native_size(self) -> int:
+        """The image side the UNet was trained at: ``sample_size x vae_scale_factor``."""
+        return int(self.sd.unet.sample_size) * self.sd.vae_scale_factor
+
+    def cache_size(self) -> int:
+        """How many programs the jitted sampler has compiled (for no-recompile tests)."""
+        return self._run._cache_size()
+
+    def __call__(
+        self,
+        ids,
+        negative_ids,
+        key: jax.Array,
+        *,
+        item_ids=None,
+        steps: int = 50,
+        guidance: float = 7.5,
+        scheduler: str = "ddim",
+        size: int | None = None,
+        spec: CaptureSpec = CaptureSpec(),
+    ) -> Samples:
+        """Sample ``b`` images and their attention maps.
+
+        Args:
+          ids: ``(b, 77)`` int token ids of the prompts (``ports.sd.tokenizer.tokenize``).
+          negative_ids: ``(b, 77)`` token ids of the negative prompts (``""`` for plain CFG).
+          key: a PRNG key; traced, so a new key does not recompile.
+          item_ids: ``(b,)`` global item indices for the noise (default ``0..b-1``).
+          steps: inference steps (PNDM evaluates the UNet ``steps + 1`` times, see ``schedulers``).
+          guidance: classifier-free guidance scale (traced).
+          scheduler: ``"ddim"``, ``"pndm"`` or ``"dpm++"``.
+          size: square image side in pixels (default: the model's native size); a multiple of
+            ``vae_scale_factor * 2 ** (down blocks - 1)``.
+          spec: what to capture (static).
+
+        Returns:
+          ``Samples``.
+
+        Raises:
+          ValueError: mismatched id shapes, an image size the UNet cannot take, a spec naming a side
+            the UNet does not attend at, or a step window that selects no step.
+        """
+        ids = np.asarray(ids, np.int32)
+        negative_ids = np.asarray(negative_ids, np.int32)
+        if ids.ndim != 2 or negative_ids.shape != ids.shape:
+            raise ValueError(
+                f"ids and negative_ids must both have shape (b, 77); got {ids.shape} and {negative_ids.shape}"
+            )
+        b = ids.shape[0]
+        if item_ids is None:
+            item_ids = np.arange(b, dtype=np.int32)
+        item_ids = jnp.asarray(item_ids, jnp.int32)
+        if item_ids.shape != (b,):
+            raise ValueError(f"item_ids must have shape ({b},), got {item_ids.shape}")
+        size = self.native_size() if size is None else int(size)
+        resolutions = self.sd.attention_resolutions(size, size)  # validates the size
+        missing = sorted((set(spec.cross) | set(spec.self_attn)) - set(resolutions))
+        if missing:
+            raise ValueError(
+                f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px this UNet "
+                f"attends at {list(resolutions)}; build the spec from these resolutions"
+            )
+        name = schedulers.canonical_name(scheduler)
+        calls = self.num_model_calls(steps, name)
+        if _captures(spec) and not any(spec.steps_mask(calls)):
+            raise ValueError(
+                f"the spec's step window {spec.step_window} (every {spec.every}) selects none of the "
+                f"{calls} denoising steps; widen the window or take more steps"
+            )
+        sd = self.sd
+        params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
+        return self._run(
+            params,
+            ids,
+            negative_ids,
+            key,
+            item_ids,
+            jnp.float32(guidance),
+            steps=int(steps),
+            side=size // sd.vae_scale_factor,
+            scheduler=name,
+            spec=spec,
+        )
+
+    # ------------------------------------------------------------------------------------ traced
+
+    def _sample(self, params, ids, negative_ids, key, item_ids, guidance, *, steps, side, scheduler, spec):
+        sd = self.sd
+        sched = self.scheduler(scheduler)
+        b = ids.shape[0]
+        latent_shape = (sd.latent_channels, side, side)
+
+        text = sd.text_encoder.apply({"params": params["text"]}, jnp.concatenate([negative_ids, ids]))
+        state = schedulers.init_state(sched, steps, (b, *latent_shape))
+        latents = initial_noise(key, item_ids, latent_shape) * state.init_noise_sigma
+        mask = spec.steps_mask(state.timesteps.shape[0])
+        weights = jnp.asarray(mask, jnp.float32)
+
+        def denoise(latents, t, state, weight):
+            x = sched.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+            with intercept_attention(spec, weight=weight):
+                out, variables = sd.unet.apply(
+                    {"params": params["unet"]},
+                    x.astype(sd.dtype),
+                    jnp.broadcast_to(t, (2 * b,)),
+                    text,
+                    mutable=[MAPS],
+                )
+            return out.sample.astype(jnp.float32), step_maps(variables.get(MAPS), spec)
+
+        if _captures(spec):
+            _, shapes = jax.eval_shape(denoise, latents, state.timesteps[0], state, weights[0])
+            sums = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        else:
+            sums = ({}, {})
+
+        def body(carry, xs):
+            latents, state, sums = carry
+            t, weight = xs
+            eps, maps = denoise(latents, t, state, weight)
+            eps_uncond, eps_cond = jnp.split(eps, 2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents, state = schedulers.step(sched, state, eps, t, latents)
+            sums = jax.tree_util.tree_map(lambda s, m: s + weight * m, sums, maps)
+            return (latents, state, sums), None
+
+        (latents, _, (cross, self_attn)), _ = jax.lax.scan(
+            body, (latents, state, sums), (state.timesteps, weights)
+        )
+
+        captured = max(sum(mask), 1)
+        maps = AttentionMaps(
+            cross={r: m / captured for r, m in cross.items()},
+            self_attn={r: m / captured for r, m in self_attn.items()},
+            self_layers=spec.self_layers,
+            resolutions=sd.attention_resolutions(side * sd.vae_scale_factor, side * sd.vae_scale_factor),
+        )
+        scaling = float(getattr(sd.vae, "scaling_factor", _VAE_SCALING))
+        decoded = sd.vae.apply(
+            {"params": params["vae"]}, (latents / scaling).astype(sd.dtype), method=sd.vae.decode
+        ).sample
+        images = jnp.clip(jnp.transpose(decoded.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+        return Samples(images=images, latents=latents, maps=maps)
+
+
+def _captures(spec: CaptureSpec) -> bool:
+    return bool(spec.cross or spec.self_attn)
+
+
+def to_uint8(images) -> np.ndarray:
+    """``(b, h, w, 3)`` float images in [0, 1] to uint8 the way diffusers does (``round(255 x)``)."""
+    return np.round(np.asarray(images, np.float32) * 255.0).astype(np.uint8)

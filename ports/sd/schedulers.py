@@ -1,0 +1,140 @@
+"""Noise schedulers for the sampler: diffusers 0.39's Flax DDIM, PNDM and DPM-Solver++ by name.
+
+``make(name, scheduler_config)`` builds the diffusers Flax scheduler from the checkpoint's
+``scheduler/scheduler_config.json`` (whatever scheduler class the checkpoint ships: its beta schedule,
+``steps_offset``, ``prediction_type``, ... carry over, exactly as ``DDIMScheduler.from_config(
+pipe.scheduler.config)`` does in PyTorch), with its state in float32 whatever the model's dtype (bf16
+scheduler state accumulates errors; HF's SDXL-on-TPU notes). The scheduler objects are pure: their
+``create_state`` / ``set_timesteps`` / ``scale_model_input`` / ``step`` trace into the sampler's jit.
+
+| name      | diffusers class                    | model calls for ``steps``                          |
+|-----------|------------------------------------|----------------------------------------------------|
+| ``ddim``  | ``FlaxDDIMScheduler`` (eta 0)       | ``steps``                                          |
+| ``pndm``  | ``FlaxPNDMScheduler``               | ``steps + 1`` (``skip_prk_steps``, SD's config),   |
+|           |                                    | else ``steps + 9`` (Runge-Kutta warm-up)           |
+| ``dpm++`` | ``FlaxDPMSolverMultistepScheduler`` | ``steps`` (2nd order, ``algorithm_type`` dpmsolver++)|
+
+``num_model_calls`` gives the number of UNet evaluations (the sampler's scan length); capture step
+windows (``CaptureSpec.steps_mask``) count those, like the reference codes' ``cur_step`` does.
+
+.. warning::
+   The Flax schedulers implement a subset of the PyTorch ones' options. Options that would silently
+   change the result (e.g. ``timestep_spacing="trailing"`` for DDIM, Karras sigmas) raise ``ValueError``.
+   DPM-Solver++'s last step goes to timestep 0 as PyTorch's ``final_sigmas_type="sigma_min"`` does;
+   PyTorch's default ``"zero"`` takes a last first-order step to sigma 0 instead, so against the PyTorch
+   default the final image differs slightly.
+
+Example::
+
+    scheduler = make("ddim", sd.scheduler_config)
+    state = scheduler.set_timesteps(scheduler.create_state(), 50, latents.shape)
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
+
+NAMES = ("ddim", "pndm", "dpm++")
+_ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpmpp": "dpm++"}
+
+# Config values the Flax scheduler does not implement: {key: values it does implement}.
+# A key missing from the checkpoint's config means the PyTorch default, which is always supported.
+_SUPPORTED = {
+    "ddim": {
+        "timestep_spacing": ("leading",),
+        "prediction_type": ("epsilon", "sample", "v_prediction"),
+        "thresholding": (False,),
+        "rescale_betas_zero_snr": (False,),
+    },
+    "pndm": {"timestep_spacing": ("leading",), "prediction_type": ("epsilon", "v_prediction")},
+    "dpm++": {
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "algorithm_type": ("dpmsolver++",),
+        "use_karras_sigmas": (False,),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "use_lu_lambdas": (False,),
+        "use_flow_sigmas": (False,),
+        "euler_at_final": (False,),
+        "rescale_betas_zero_snr": (False,),
+        "variance_type": (None,),
+        "lambda_min_clipped": (-math.inf,),
+        "prediction_type": ("epsilon", "sample", "v_prediction"),
+    },
+}
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as one of ``NAMES`` (case-insensitive; ``dpmsolver++`` is ``dpm++``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"scheduler must be a name string, one of {NAMES}; got {name!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in NAMES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {list(NAMES)}")
+    return key
+
+
+def make(name: str, scheduler_config: Mapping[str, Any]):
+    """The diffusers Flax scheduler called ``name``, configured from the checkpoint's scheduler config.
+
+    Args:
+      name: ``"ddim"``, ``"pndm"`` or ``"dpm++"`` (alias ``"dpmsolver++"``).
+      scheduler_config: the checkpoint's ``scheduler_config.json`` as a dict (any scheduler class).
+
+    Returns:
+      A ``FlaxDDIMScheduler`` / ``FlaxPNDMScheduler`` / ``FlaxDPMSolverMultistepScheduler`` with
+      float32 state.
+
+    Raises:
+      ValueError: an unknown name, or a config option the Flax scheduler does not implement.
+    """
+    from diffusers import (
+        FlaxDDIMScheduler,
+        FlaxDPMSolverMultistepScheduler,
+        FlaxPNDMScheduler,
+    )
+
+    key = canonical_name(name)
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    if key == "dpm++":
+        # The name says which solver; a DPM-Solver checkpoint config may carry its own solver_order.
+        config["algorithm_type"] = "dpmsolver++"
+    for option, supported in _SUPPORTED[key].items():
+        value = config.get(option, supported[0])
+        if value is None and None not in supported:
+            continue
+        if value not in supported:
+            raise ValueError(
+                f"the checkpoint's scheduler config sets {option}={value!r}, which diffusers' Flax "
+                f"{key} scheduler does not implement (it implements {option} in {list(supported)}); "
+                f"choose another scheduler (one of {list(NAMES)}) or edit scheduler_config.json"
+            )
+    cls = {"ddim": FlaxDDIMScheduler, "pndm": FlaxPNDMScheduler, "dpm++": FlaxDPMSolverMultistepScheduler}[
+        key
+    ]
+    return cls.from_config(config, dtype=jnp.float32)
+
+
+def init_state(scheduler, num_steps: int, shape: tuple[int, ...]):
+    """The scheduler's state after ``set_timesteps(num_steps)`` for latents of ``shape`` (traceable)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"steps must be a positive int, got {num_steps!r}")
+    return scheduler.set_timesteps(scheduler.create_state(), num_steps, tuple(shape))
+
+
+def num_model_calls(scheduler, num_steps: int) -> int:
+    """How many UNet evaluations ``num_steps`` inference steps take (PNDM takes more, see above)."""
+    state = jax.eval_shape(lambda: init_state(scheduler, num_steps, (1,)))
+    return int(state.timesteps.shape[0])
+
+
+def step(scheduler, state, model_output, timestep, sample):
+    """One scheduler step: ``(previous sample, new state)``, traceable inside ``lax.scan``."""
+    out = scheduler.step(state, model_output, timestep, sample)
+    return out.prev_sample, out.state
