@@ -16,6 +16,9 @@ from jaxmask.threshold import threshold_otsu
 
 # --- Otsu ----------------------------------------------------------------------------------
 
+_otsu = jax.jit(threshold_otsu)
+_pamr = jax.jit(R.pamr, static_argnums=2)
+
 
 def _near_tie(x: np.ndarray) -> bool:
     """skimage's two best between-class variances agree to float32 precision."""
@@ -30,7 +33,7 @@ def _near_tie(x: np.ndarray) -> bool:
 @pytest.mark.parametrize("seed", range(40))
 def test_otsu_equals_skimage(seed):
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(3, 65))
+    n = (3, 8, 17, 64)[seed % 4 if seed % 8 < 4 else 3 - seed % 4]  # few shapes: few compiles
     kind = seed % 4
     if kind == 0:
         x = rng.random((n, n))
@@ -42,7 +45,7 @@ def test_otsu_equals_skimage(seed):
     else:  # few distinct values
         x = rng.integers(0, 5, (n, n)) / 4.0
     x = x.astype(np.float32)
-    got = float(threshold_otsu(jnp.asarray(x)))
+    got = float(_otsu(jnp.asarray(x)))
     expect = float(sk_otsu(x))
     if _near_tie(x):
         width = (x.max() - x.min()) / 256
@@ -147,12 +150,12 @@ def test_pamr_invariants(seed):
     image = jax.random.uniform(key, (9, 11, 3))
     masks = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 1), (3, 9, 11)), axis=0)
     cfg = R.PAMRConfig(dilations=(1, 2), num_iter=4)
-    out = R.pamr(image, masks, cfg)
+    out = _pamr(image, masks, cfg)
     # sums over classes are preserved (convex combinations of neighbours)
     np.testing.assert_allclose(jnp.sum(out, 0), 1.0, atol=1e-5)
     # every output lies within its inputs' range; a constant mask stays constant
     assert float(out.min()) >= float(masks.min()) - 1e-6 and float(out.max()) <= float(masks.max()) + 1e-6
-    np.testing.assert_allclose(R.pamr(image, jnp.full((1, 9, 11), 0.4), cfg), 0.4, atol=1e-6)
+    np.testing.assert_allclose(_pamr(image, jnp.full((1, 9, 11), 0.4), cfg), 0.4, atol=1e-6)
 
 
 def test_pamr_one_step_is_a_convex_combination_of_the_neighbourhood():
