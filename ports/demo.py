@@ -16,7 +16,7 @@ from ports import render
 # A miniature of SD at 512 px (attention at 8/16/32/64), two objects.
 SIDES = (8, 16, 32, 64)
 BOXES = ((0.12, 0.10, 0.55, 0.50), (0.50, 0.55, 0.90, 0.92))
-COLOURS = np.array([[70, 110, 160], [220, 80, 60], [90, 190, 90]], np.uint8)  # bg, class 1, 2
+COLOURS = np.array([[200, 200, 200], [240, 200, 60], [60, 120, 220]], np.uint8)  # bg, class 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
