@@ -42,7 +42,16 @@ DIFFUMASK_GRIDS: tuple[tuple[int, int], ...] = (
 )
 #: How many images of each grid the reference script makes (3000 1x2 split evenly between
 #: horizontal and vertical, 3000, 4000, 3000, 2000, 2000, 1000), used as sampling weights.
-DIFFUMASK_GRID_WEIGHTS: tuple[float, ...] = (1500.0, 1500.0, 3000.0, 4000.0, 3000.0, 2000.0, 2000.0, 1000.0)
+DIFFUMASK_GRID_WEIGHTS: tuple[float, ...] = (
+    1500.0,
+    1500.0,
+    3000.0,
+    4000.0,
+    3000.0,
+    2000.0,
+    2000.0,
+    1000.0,
+)
 
 # fold_in streams of an item key (see split_item_key) and of augment's key.
 _GRID, _SOURCES, _PAIR = 0, 1, 2
@@ -104,7 +113,9 @@ class AugmentConfig:
                 or len(grid) != 2
                 or not all(isinstance(n, int) and n >= 1 for n in grid)
             ):
-                raise ValueError(f"each grid must be a (rows, cols) tuple of ints >= 1, got {grid!r}")
+                raise ValueError(
+                    f"each grid must be a (rows, cols) tuple of ints >= 1, got {grid!r}"
+                )
         if len(self.grid_weights) != len(self.grids):
             raise ValueError(
                 f"grid_weights has {len(self.grid_weights)} entries for {len(self.grids)} grids; "
@@ -234,9 +245,7 @@ def splice(
             f"labels must be uint8 with shape {(m, h, w)}, got {labels.dtype} {labels.shape}"
         )
     if m != rows * cols:
-        raise ValueError(
-            f"a {rows}x{cols} mosaic needs m = {rows * cols} pairs, got m = {m}"
-        )
+        raise ValueError(f"a {rows}x{cols} mosaic needs m = {rows * cols} pairs, got m = {m}")
     out_h, out_w = (h, w) if size is None else size
     if out_h < rows or out_w < cols:
         raise ValueError(
@@ -444,7 +453,7 @@ def choose_grid(key: jax.Array, cfg: AugmentConfig) -> Int[Array, ""]:
     return jax.random.choice(key, len(cfg.grids), p=weights / jnp.sum(weights))
 
 
-def choose_sources(key: jax.Array, m: int, count: int) -> Int[Array, "m"]:
+def choose_sources(key: jax.Array, m: int, count: int) -> Int[Array, " m"]:
     """``m`` source positions in ``[0, count)``, uniform, with replacement (a mosaic may need more
     tiles than the source has items)."""
     if count < 1:

@@ -1,5 +1,5 @@
-"""DiffuMask's augmentations over a whole dataset: read a jaxmask VOC-layout dataset, write a new one
-of spliced and augmented items (``jaxmask augment``).
+"""DiffuMask's augmentations over a whole dataset: read a jaxmask VOC-layout dataset, write a new
+one of spliced and augmented items (``jaxmask augment``).
 
 Output item ``i`` is made from its own key ``k = fold_in(key, i)`` (``ports.scale.hosts.item_key``)
 alone: ``jaxmask.augment.split_item_key(k)`` gives the streams that choose its mosaic grid
@@ -149,7 +149,9 @@ def open_source(src: str | Path) -> Source:
     """
     src = Path(src)
     if not src.is_dir():
-        raise StoreError(errno.ENOENT, f"source dataset {src} does not exist (or is not a folder)", src)
+        raise StoreError(
+            errno.ENOENT, f"source dataset {src} does not exist (or is not a folder)", src
+        )
     run_config = read_run_config(src)
     if run_config is None:
         raise StoreError(

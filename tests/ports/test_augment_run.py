@@ -80,7 +80,9 @@ def source(tmp_path_factory) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def read_item(folder: Path, record: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +109,9 @@ def test_writes_a_voc_dataset_whose_records_name_sources_and_augmentations(sourc
     assert [r["id"] for r in records] == [f"{i:08d}" for i in range(10)]
     split = (augmented / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert split == [r["id"] for r in records]
-    assert json.loads((augmented / "id2label.json").read_text()) == {str(k): v for k, v in ID2LABEL.items()}
+    assert json.loads((augmented / "id2label.json").read_text()) == {
+        str(k): v for k, v in ID2LABEL.items()
+    }
     source_ids = {r["id"] for r in records_of(source)}
     grids_seen, steps_seen = set(), set()
     for record in records:
@@ -120,7 +124,9 @@ def test_writes_a_voc_dataset_whose_records_name_sources_and_augmentations(sourc
             {"perspective": "perspective_strength", "occlusion": "occlusion_max_fraction",
              "noise": "noise_sigma"}[s] for s in record["augment"]["steps"]
         }  # fmt: skip
-        expected = jax.random.key_data(jax.random.fold_in(jax.random.key(7), record["global_index"]))
+        expected = jax.random.key_data(
+            jax.random.fold_in(jax.random.key(7), record["global_index"])
+        )
         np.testing.assert_array_equal(record["seed"]["value"], np.asarray(expected))
         image, label = read_item(augmented, record)
         assert image.shape == (SIDE, SIDE, 3) and label.shape == (SIDE, SIDE)
