@@ -105,16 +105,29 @@ class AugmentConfig:
     noise_sigma: float = 0.03
 
     def __post_init__(self):
+        # lists (from a command line or JSON) become tuples, so the config stays hashable
+        grids = tuple(tuple(g) if isinstance(g, (list, tuple)) else g for g in self.grids)
+        object.__setattr__(self, "grids", grids)
+        object.__setattr__(self, "grid_weights", tuple(self.grid_weights))
         if not self.grids:
             raise ValueError("grids must name at least one (rows, cols) mosaic, e.g. ((2, 2),)")
         for grid in self.grids:
             if (
                 not isinstance(grid, tuple)
                 or len(grid) != 2
-                or not all(isinstance(n, int) and n >= 1 for n in grid)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)
             ):
                 raise ValueError(
                     f"each grid must be a (rows, cols) tuple of ints >= 1, got {grid!r}"
+                )
+        numbers = ("grid_weights",) + tuple(
+            f.name for f in dataclasses.fields(self) if f.name not in ("grids", "grid_weights")
+        )
+        for name in numbers:
+            values = getattr(self, name) if name == "grid_weights" else (getattr(self, name),)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(
+                    f"{name} must be a number (or numbers), got {getattr(self, name)!r}"
                 )
         if len(self.grid_weights) != len(self.grids):
             raise ValueError(

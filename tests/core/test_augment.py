@@ -427,6 +427,9 @@ def test_default_config_is_diffumask_splicing():
     assert set(grids) == {(1, 2), (2, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8)}
     assert grids[(1, 2)] + grids[(2, 1)] == 3000 and grids[(3, 3)] == 4000 and grids[(8, 8)] == 1000
     assert hash(aug.DIFFUMASK) == hash(aug.AugmentConfig())  # static under jit
+    from_lists = aug.AugmentConfig(grids=[[1, 2], [2, 2]], grid_weights=[1, 3])
+    assert from_lists.grids == ((1, 2), (2, 2)) and from_lists.grid_weights == (1, 3)
+    hash(from_lists)
 
 
 @pytest.mark.parametrize(
@@ -440,6 +443,8 @@ def test_default_config_is_diffumask_splicing():
         ({"perspective_strength": 0.3}, r"perspective_strength must be in \[0.0, 0.25\)"),
         ({"occlusion_max_fraction": -0.1}, "occlusion_max_fraction"),
         ({"noise_sigma": -1.0}, "noise_sigma"),
+        ({"noise_sigma": "0.1"}, "noise_sigma must be a number"),
+        ({"grids": ((2, 2),), "grid_weights": ("1",)}, "grid_weights must be a number"),
     ],
 )
 def test_config_errors(changes, message):
