@@ -1,0 +1,132 @@
+"""What a dataset run will generate: the class list and one (prompt, classes) per global index.
+
+Item ``i`` is a pure function of the plan and ``i``: class ``i % K`` (strided, so a run stopped
+early still covers every class evenly), template ``(i // K) % T``. Prompts from a file name their
+classes explicitly and are cycled the same way.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxmask.labels import VOC_CLASSES
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "voc": VOC_CLASSES,
+    # Cityscapes' human and vehicle classes (the DiffuMask / SeeDiff evaluation subset)
+    "cityscapes": ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"),
+}
+_NOT_PRESETS = ("pascal", "pascal_voc", "voc2012", "coco", "ade20k", "ade", "cityscapes19", "lvis")
+DEFAULT_TEMPLATE = "a photo of a {class}"
+# VOC's run-together names read as words in prompts
+SPOKEN = {"aeroplane": "aeroplane", "diningtable": "dining table", "pottedplant": "potted plant",
+          "tvmonitor": "tv monitor", "motorbike": "motorbike"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    prompt: str
+    classes: tuple[str, ...]  # the dataset class names present, in label order of the prompt
+    words: tuple[str, ...]  # the word(s) of each class as written in the prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    classes: tuple[str, ...]  # dataset class names; label id = position + 1
+    items_per_class: int
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    prompts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # explicit (prompt, classes) pairs
+
+    @property
+    def total(self) -> int:
+        return self.items_per_class * len(self.classes)
+
+    def id2label(self) -> dict[int, str]:
+        return {0: "background", **{i + 1: c for i, c in enumerate(self.classes)}}
+
+    def item(self, global_index: int) -> Item:
+        if not 0 <= global_index < self.total:
+            raise IndexError(f"item {global_index} is outside the plan's {self.total} items")
+        if self.prompts:
+            prompt, names = self.prompts[global_index % len(self.prompts)]
+            return Item(prompt, names, tuple(spoken(n) for n in names))
+        k = len(self.classes)
+        name = self.classes[global_index % k]
+        template = self.templates[(global_index // k) % len(self.templates)]
+        word = spoken(name)
+        return Item(template.replace("{class}", word), (name,), (word,))
+
+    def to_json(self) -> dict:
+        return {"classes": list(self.classes), "items_per_class": self.items_per_class,
+                "templates": list(self.templates), "prompts": [[p, list(c)] for p, c in self.prompts]}
+
+
+def spoken(name: str) -> str:
+    return SPOKEN.get(name, name)
+
+
+def parse_classes(spec: str) -> tuple[str, ...]:
+    """``voc``, ``cityscapes``, ``cat,dog,potted plant`` or ``@file`` (one class per line)."""
+    spec = spec.strip()
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise ValueError(f"class file {path} does not exist; write one class name per line")
+        names = [line.strip() for line in path.read_text().splitlines()]
+    else:
+        if spec.lower() in _NOT_PRESETS:  # dataset names a user may take for presets
+            raise ValueError(f"unknown class preset {spec!r}; presets: {sorted(PRESETS)} (or list the classes)")
+        names = [s.strip() for s in spec.split(",")]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise ValueError(f"no classes in {spec!r}; give a preset ({', '.join(sorted(PRESETS))}), "
+                         "a comma-separated list or @file")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"classes listed twice: {dupes}")
+    return tuple(names)
+
+
+def check_template(template: str) -> str:
+    if "{class}" not in template:
+        raise ValueError(f"template {template!r} has no {{class}}; e.g. {DEFAULT_TEMPLATE!r}")
+    return template
+
+
+def read_prompts(path: Path, classes: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A JSONL file of ``{"prompt": ..., "classes": [...]}`` (several classes per prompt)."""
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, names = row["prompt"], tuple(row["classes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path}:{n}: expected a JSON object with 'prompt' and 'classes', e.g. "
+                '{"prompt": "a cat and a dog", "classes": ["cat", "dog"]}'
+            ) from err
+        unknown = [c for c in names if c not in classes]
+        if unknown:
+            raise ValueError(f"{path}:{n}: classes {unknown} are not in the class list {list(classes)}")
+        missing = [c for c in names if spoken(c) not in prompt]
+        if missing:
+            raise ValueError(f"{path}:{n}: the prompt {prompt!r} does not contain the class word(s) {missing}")
+        out.append((prompt, names))
+    if not out:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return tuple(out)
+
+
+def make_plan(classes: str, items_per_class: int, templates=(), prompt_file: Path | None = None) -> Plan:
+    names = parse_classes(classes)
+    if items_per_class < 1:
+        raise ValueError(f"images per class must be at least 1, got {items_per_class}")
+    temps = tuple(check_template(t) for t in templates) or (DEFAULT_TEMPLATE,)
+    prompts = read_prompts(Path(prompt_file), names) if prompt_file else ()
+    return Plan(names, items_per_class, temps, prompts)
