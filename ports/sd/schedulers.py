@@ -30,6 +30,7 @@ Example::
     state = scheduler.set_timesteps(scheduler.create_state(), 50, latents.shape)
 """
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,11 @@ _SUPPORTED = {
         "thresholding": (False,),
         "rescale_betas_zero_snr": (False,),
     },
-    "pndm": {"timestep_spacing": ("leading",), "prediction_type": ("epsilon", "v_prediction")},
+    "pndm": {
+        "timestep_spacing": ("leading",),
+        "prediction_type": ("epsilon", "v_prediction"),
+        "rescale_betas_zero_snr": (False,),
+    },
     "dpm++": {
         "timestep_spacing": ("linspace", "leading", "trailing"),
         "algorithm_type": ("dpmsolver++",),
@@ -118,6 +123,12 @@ def make(name: str, scheduler_config: Mapping[str, Any]):
     cls = {"ddim": FlaxDDIMScheduler, "pndm": FlaxPNDMScheduler, "dpm++": FlaxDPMSolverMultistepScheduler}[
         key
     ]
+    # Options checked above that the Flax class does not take (at their default, so they change
+    # nothing) would only make diffusers log "config attributes ... will be ignored".
+    accepted = inspect.signature(cls.__init__).parameters
+    for option in _SUPPORTED[key]:
+        if option not in accepted:
+            config.pop(option, None)
     return cls.from_config(config, dtype=jnp.float32)
 
 
@@ -125,7 +136,16 @@ def init_state(scheduler, num_steps: int, shape: tuple[int, ...]):
     """The scheduler's state after ``set_timesteps(num_steps)`` for latents of ``shape`` (traceable)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"steps must be a positive int, got {num_steps!r}")
+    if _uses_prk(scheduler) and num_steps < scheduler.pndm_order:
+        raise ValueError(
+            f"PNDM with Runge-Kutta warm-up steps (skip_prk_steps=False) needs steps >= "
+            f"{scheduler.pndm_order}, got {num_steps}"
+        )
     return scheduler.set_timesteps(scheduler.create_state(), num_steps, tuple(shape))
+
+
+def _uses_prk(scheduler) -> bool:
+    return hasattr(scheduler, "pndm_order") and not scheduler.config.skip_prk_steps
 
 
 def num_model_calls(scheduler, num_steps: int) -> int:

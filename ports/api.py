@@ -1,0 +1,304 @@
+"""``jaxmask.load`` and ``jaxmask.generate``: prompts in, images and segmentation masks out.
+
+Composes the shell and the core: tokenize (``ports.sd.tokenizer``) -> the jitted sampler with attention
+capture (``ports.sd.sample``; what it captures is the method's ``capture_spec``) -> class-token weights
+(``jaxmask.class_token_weights``) -> ``jax.vmap(jaxmask.extract_masks)`` over the batch, jitted ->
+numpy on the host, once per batch.
+
+Example::
+
+    pipe = jaxmask.load("stabilityai/stable-diffusion-2-base")
+    result = pipe.generate(["a photo of a cat", "a photo of a dog"], jax.random.key(0),
+                           classes=[["cat"], ["dog"]], method="seediff-code")
+    result.images       # (2, 512, 512, 3) uint8
+    result.label_maps   # (2, 512, 512) uint8: 0 background, 1 the prompt's class, 255 ignore
+
+    jaxmask.generate("a photo of a cat", 0, model="path/to/folder", classes=["cat"])
+"""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmask
+from jaxmask.maps import AttentionMaps, CaptureSpec
+from jaxmask.masks import check_maps, extract_masks
+from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
+from ports.sd.sample import Sampler, to_uint8
+
+_NO_MODEL = (
+    "pass a diffusers-format folder or hub id; the bundled toy model is not yet shipped "
+    "(e.g. jaxmask.load('stabilityai/stable-diffusion-2-base') or a folder written by "
+    "StableDiffusionPipeline.save_pretrained)"
+)
+
+# One example's masks, batched over images (method and PAMR configs static).
+_extract_batch = jax.jit(
+    jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4)
+)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GenerateResult:
+    """What ``generate`` returns (numpy arrays on the host).
+
+    Attributes:
+      images: ``(b, h, w, 3)`` uint8.
+      label_maps: ``(b, h, w)`` uint8: 0 background, ``c + 1`` for ``classes[i][c]``, 255 ignore;
+        None when no classes were asked for.
+      soft_masks: ``(b, k, h, w)`` float32 in [0, 1], one per class; None without classes.
+      classes: per prompt, the class names its label values ``1..k`` stand for.
+      prompts: the prompts, in batch order.
+      maps: the captured ``AttentionMaps`` (numpy, leading ``b``) when ``return_maps=True``, else None.
+    """
+
+    images: np.ndarray
+    label_maps: np.ndarray | None
+    soft_masks: np.ndarray | None
+    classes: tuple[tuple[str, ...], ...]
+    prompts: tuple[str, ...]
+    maps: AttentionMaps | None = None
+
+    def __repr__(self):
+        b, h, w, _ = self.images.shape
+        return (
+            f"GenerateResult(images {b}x{h}x{w}, classes={self.classes!r}, "
+            f"masks={'yes' if self.label_maps is not None else 'no'}, "
+            f"maps={'yes' if self.maps is not None else 'no'})"
+        )
+
+
+class Pipeline:
+    """A loaded Stable Diffusion and its compiled sampler; ``generate`` makes images and masks.
+
+    Build with ``jaxmask.load``. Compiled programs are cached per (batch size, image size, steps,
+    scheduler, capture spec): a new key, prompt, guidance or negative prompt reuses them.
+    """
+
+    def __init__(self, sd):
+        self.sd = sd
+        self.sampler = Sampler(sd)
+
+    def __repr__(self):
+        return f"Pipeline({self.sd.source!r}, dtype={jnp.dtype(self.sd.dtype).name})"
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (512 for SD 1.x / 2-base)."""
+        return self.sampler.native_size()
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: ``vae_scale_factor * 2 ** (down blocks - 1)``."""
+        return self.sd.vae_scale_factor * 2 ** (len(self.sd.unet.block_out_channels) - 1)
+
+    def resolutions(self, size: int | None = None) -> tuple[int, ...]:
+        """The attention sides ``r`` of the UNet at ``size`` px (default: native), e.g. (8, 16, 32, 64)."""
+        size = self.native_size if size is None else size
+        return self.sd.attention_resolutions(size, size)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        key: Any,
+        *,
+        classes: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        method: Any = "seediff-code",
+        steps: int = 50,
+        guidance: float = 7.5,
+        negative_prompt: str | Sequence[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = "ddim",
+        return_maps: bool = False,
+        pamr: PAMRConfig | bool | None = None,
+    ) -> GenerateResult:
+        """Generate one image per prompt, and masks of the named classes from the model's attention.
+
+        Args:
+          prompts: a prompt or a list of ``b`` prompts (one batch: one compiled program per ``b``).
+          key: a PRNG key (``jax.random.key(seed)``) or an int seed. Item ``i``'s noise is
+            ``fold_in(key, i)``: the same prompt at the same index gives the same image whatever the
+            batch size.
+          classes: None (images only); a class name or a list of names shared by every prompt; or one
+            list per prompt, all of the same length ``k``. Each name must occur in its prompt's tokens
+            (e.g. ``"a photo of a cat"`` for ``"cat"``); multi-word names such as ``"potted plant"``
+            are matched as token sequences.
+          method: ``"seediff-code"``, ``"seediff-paper"``, ``"ca"``, ``"ca_sa"``, or a config from
+            ``jaxmask.methods.get(name, **overrides)``; it decides what is captured.
+          steps: denoising steps.
+          guidance: classifier-free guidance scale.
+          negative_prompt: one negative prompt for all, or one per prompt.
+          height, width: the image size in pixels; square (attention maps are ``r x r``) and a multiple
+            of ``size_multiple``. Default: the model's native size; one given sets the other.
+          scheduler: ``"ddim"``, ``"pndm"`` or ``"dpm++"`` (see ``ports.sd.schedulers``).
+          return_maps: also return the captured ``AttentionMaps`` (self maps at 64x64 are 64 MiB per
+            image).
+          pamr: refine the soft masks with PAMR: a ``jaxmask.PAMRConfig``, True for the reference
+            defaults, None/False for none.
+
+        Returns:
+          ``GenerateResult``.
+
+        Raises:
+          ValueError: a class that does not occur in its prompt (the message names both), an image
+            size the UNet cannot take (the message names valid sizes), an unknown method or
+            scheduler, or attention maps that came out non-finite.
+        """
+        prompts = _prompts(prompts)
+        b = len(prompts)
+        negatives = _negatives(negative_prompt, b)
+        classes = _classes(classes, b)
+        size = self._size(height, width)
+        key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+
+        from ports.sd.tokenizer import class_ids, tokenize
+
+        ids = tokenize(self.sd.tokenizer, prompts)
+        negative_ids = tokenize(self.sd.tokenizer, negatives)
+
+        method_cfg, weights, spec = None, None, CaptureSpec()
+        if classes is not None or return_maps:
+            method_cfg = jaxmask.methods.get(method) if isinstance(method, str) else method
+            spec = method_cfg.capture_spec(self.resolutions(size))
+        if classes is not None:
+            weights = np.stack(
+                [_token_weights(self.sd.tokenizer, class_ids, ids[i], prompts[i], classes[i]) for i in range(b)]
+            )
+
+        samples = self.sampler(
+            ids, negative_ids, key, steps=steps, guidance=guidance, scheduler=scheduler, size=size, spec=spec
+        )
+
+        soft_masks = label_maps = None
+        if classes is not None:
+            check_maps(samples.maps)
+            pamr_cfg = PAMR_DEFAULT if pamr is True else (pamr or None)
+            soft, labels = _extract_batch(samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg)
+            soft_masks = np.asarray(soft, np.float32)
+            label_maps = np.asarray(labels, np.uint8)
+        return GenerateResult(
+            images=to_uint8(samples.images),
+            label_maps=label_maps,
+            soft_masks=soft_masks,
+            classes=classes if classes is not None else tuple(() for _ in prompts),
+            prompts=tuple(prompts),
+            maps=jax.device_get(samples.maps) if return_maps else None,
+        )
+
+    def _size(self, height: int | None, width: int | None) -> int:
+        native, multiple = self.native_size, self.size_multiple
+        height = width if height is None else height
+        width = height if width is None else width
+        if height is None:
+            return native
+        valid = sorted(
+            {s for s in (native // 2, native - multiple, native, native + multiple, 2 * native) if s > 0 and s % multiple == 0}
+        )
+        hint = (
+            f"this model takes square images whose side is a multiple of {multiple}, "
+            f"e.g. {', '.join(map(str, valid))} (native {native})"
+        )
+        if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))):
+            raise TypeError(f"height and width must be ints, got {height!r} and {width!r}")
+        if height != width:
+            raise ValueError(f"height {height} != width {width}: jaxmask's attention maps are square; {hint}")
+        if height <= 0 or height % multiple:
+            raise ValueError(f"image size {height}x{width} is not valid: {hint}")
+        return int(height)
+
+
+def _prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings, got {bad[0]!r}")
+    return prompts
+
+
+def _negatives(negative_prompt, b: int) -> list[str]:
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * b
+    negatives = list(negative_prompt)
+    if len(negatives) != b:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {b} prompts: give one or {b}")
+    return negatives
+
+
+def _classes(classes, b: int) -> tuple[tuple[str, ...], ...] | None:
+    """None, or per prompt a tuple of names (all of the same length)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = [classes]
+    classes = list(classes)
+    if all(isinstance(c, str) for c in classes):
+        per_prompt = [tuple(classes)] * b
+    elif all(not isinstance(c, str) and isinstance(c, Sequence) for c in classes):
+        per_prompt = [tuple(c) for c in classes]
+        if len(per_prompt) != b:
+            raise ValueError(f"classes has {len(per_prompt)} lists for {b} prompts: give one list per prompt")
+        if len({len(c) for c in per_prompt}) > 1:
+            raise ValueError(
+                "every prompt must name the same number of classes (one batch has one mask count); "
+                f"got {[len(c) for c in per_prompt]}"
+            )
+    else:
+        raise TypeError("classes must be a name, a list of names, or one list of names per prompt")
+    if not per_prompt[0]:
+        raise ValueError("classes is empty: name at least one class, or pass classes=None for images only")
+    return tuple(per_prompt)
+
+
+def _token_weights(tokenizer, class_ids, prompt_ids, prompt: str, names: tuple[str, ...]) -> np.ndarray:
+    try:
+        return jaxmask.class_token_weights(
+            prompt_ids, [class_ids(tokenizer, name) for name in names], names
+        )
+    except ValueError as error:
+        raise ValueError(f"prompt {prompt!r}: {error}") from error
+
+
+def load(model: str | os.PathLike | None = None, *, dtype: Any = "float32") -> Pipeline:
+    """Load a Stable Diffusion 1.x / 2.x checkpoint as a ``Pipeline``.
+
+    Args:
+      model: a diffusers-format folder or a Hugging Face Hub id (``ports.sd.load``).
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (a jnp dtype works too): the params' and
+        the computation's dtype; scheduler state and attention maps stay float32.
+
+    Raises:
+      ValueError: no model given (the bundled toy model is not yet shipped), or a bad dtype.
+    """
+    if model is None:
+        raise ValueError(_NO_MODEL)
+    from ports.sd.load import load as load_sd
+
+    return Pipeline(load_sd(model, dtype=jnp.dtype(dtype)))
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_pipeline(model: str, dtype: str) -> Pipeline:
+    return load(model, dtype=dtype)
+
+
+def generate(prompt_or_prompts, key, *, model=None, dtype: Any = "float32", **kwargs) -> GenerateResult:
+    """``load(model, dtype=dtype).generate(prompt_or_prompts, key, **kwargs)`` in one call.
+
+    The last loaded model is kept (with its compiled sampler), so repeated calls with the same
+    ``model`` do not reload or recompile; use ``jaxmask.load`` to hold several models.
+    """
+    if model is None:
+        raise ValueError(_NO_MODEL)
+    pipeline = _cached_pipeline(os.fspath(model), jnp.dtype(dtype).name)
+    return pipeline.generate(prompt_or_prompts, key, **kwargs)
