@@ -1,39 +1,112 @@
-"""Otsu's threshold in JAX, value-identical to scikit-image's ``threshold_otsu`` on floats."""
+"""Otsu's threshold in JAX, value-identical to scikit-image's ``threshold_otsu`` on float32."""
 
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
+
+
+def _histogram(x: Float[Array, " m"], nbins: int) -> tuple[Int[Array, " nbins"], Float[Array, " nbins"]]:
+    """``np.histogram(x, nbins)`` (range ``[min, max]``): counts and bin centres, float32.
+
+    The edges are ``np.linspace(lo, hi, nbins + 1)`` computed as numpy does (``i * step + lo``,
+    last edge ``hi``), and the bin index is numpy's ``(x - lo) / (hi - lo) * nbins`` followed by
+    its one-step correction against the edges; so every value lands in the same bin as in numpy.
+    """
+    lo, hi = jnp.min(x), jnp.max(x)
+    span = hi - lo
+    # numpy's ``np.linspace``: ``step = span / nbins`` then ``i * step + lo``, each rounded once.
+    # XLA would rewrite a division by the constant ``nbins`` into a multiplication by its
+    # (rounded) reciprocal, and fuse ``i * step + lo`` into an FMA; ``0 * lo`` makes the divisor
+    # a runtime value and the (order-preserving) sort materialises the products, so both
+    # round exactly as numpy's do.
+    step = span / (jnp.float32(nbins) + 0.0 * lo)
+    scaled = jnp.sort(jnp.arange(nbins + 1, dtype=jnp.float32) * step)
+    edges = (scaled + lo).at[-1].set(hi)
+    safe_span = jnp.where(span > 0, span, jnp.float32(1.0))
+    # numpy's first guess (truncation, as ``astype(intp)``); it may be an ulp off (so may XLA's,
+    # which multiplies by ``1 / span``), and the two corrections below settle it on the edges
+    idx = ((x - lo) / safe_span * jnp.float32(nbins)).astype(jnp.int32)
+    idx = jnp.clip(idx, 0, nbins - 1)  # numpy: ``indices[indices == nbins] -= 1``
+    idx = jnp.where(x < edges[idx], idx - 1, idx)
+    idx = jnp.where((x >= edges[idx + 1]) & (idx != nbins - 1), idx + 1, idx)
+    counts = jnp.zeros(nbins, jnp.int32).at[idx].add(1)
+    centres = (edges[:-1] + edges[1:]) / jnp.float32(2.0)
+    return counts, centres
+
+
+def _sequential_cumsums(p: Float[Array, " nbins"]) -> tuple[Float[Array, " nbins"], Float[Array, " nbins"]]:
+    """``np.cumsum(p)`` and ``np.cumsum(p[::-1])[::-1]``, summed left to right as numpy does.
+
+    ``jnp.cumsum`` sums in a backend-chosen order (a window reduction or a tree), which moves
+    Otsu's near ties; a scan over the bins reproduces numpy's float32 rounding exactly.
+    """
+
+    def add(acc, pair):
+        acc = acc + pair
+        return acc, acc
+
+    _, sums = jax.lax.scan(add, jnp.zeros(2, p.dtype), jnp.stack([p, p[::-1]], axis=1))
+    return sums[:, 0], sums[::-1, 1]
 
 
 def threshold_otsu(values: Float[Array, "..."], nbins: int = 256) -> Float[Array, ""]:
-    """Otsu (1979): the bin centre maximising the between-class variance.
+    """Otsu's threshold: the bin centre that maximises the between-class variance.
 
-    Same histogram as skimage (``np.histogram(values, nbins, range=(min, max))``, including
-    its correction for values that rounding puts in a neighbouring bin) and the same argmax of
-    ``w0[:-1] * w1[1:] * (m0[:-1] - m1[1:])**2``; constant input returns its value (never NaN).
-    Returns the threshold; the caller applies it (``values > threshold`` is the foreground).
+    With a histogram of ``nbins`` equal bins over ``[min, max]`` (counts ``n_j``, centres
+    ``c_j``) and, for a split after bin ``j``, the class weights ``w0 = sum_{i<=j} n_i``,
+    ``w1 = sum_{i>j} n_i`` and means ``m0``, ``m1``::
+
+        t = c_{j*},   j* = argmax_j  w0(j) * w1(j) * (m0(j) - m1(j))**2
+
+    the first maximiser on ties. This is ``skimage.filters.threshold_otsu`` step for step: the
+    same ``np.histogram`` bins (including numpy's correction for values that rounding puts
+    in a neighbouring bin), the same float32 arithmetic, the same argmax. Constant input
+    returns its value (never NaN). Returns the threshold; the caller applies it:
+    ``values > t`` is the foreground (STYLE habit 5).
 
     .. warning::
-       jax computes in float32, skimage in float64: when the two best bins' between-class
-       variances agree to ~1e-7 relative (a near tie), the two may pick neighbouring bins.
+       Parity with scikit-image is for float32 values (what jax holds by default); it is
+       bit-identical on the CPU. scikit-image computes float64 input in float64 (a value
+       within an ulp of a bin edge can then fall in the other bin) and bins integer input by
+       value, ignoring ``nbins``; here every input is cast to float32. On an accelerator,
+       float32 division may round differently, so two bins whose between-class variances agree
+       to ~1e-7 relative (a near tie) may swap; a bin and the empty bins after it (exact ties)
+       resolve as in scikit-image everywhere.
 
-    >>> float(threshold_otsu(jnp.array([0.1, 0.2, 0.8, 0.9])))  # the centre of 0.2's bin
-    0.2015624940395355
+    Args:
+      values: any shape, finite; flattened (a NaN gives a NaN threshold).
+      nbins: number of histogram bins, static under ``jit``.
 
-    References: N. Otsu (1979); ``skimage.filters.thresholding.threshold_otsu``.
+    Returns:
+      The threshold, a float32 scalar.
+
+    Example (bins of width 1 over [0, 10]; the split between {0, 1} and {9, 10} wins, and
+    the first bin of that plateau is bin 1, centre 1.5)::
+
+        >>> float(threshold_otsu(jnp.array([0.0, 1.0, 9.0, 10.0]), nbins=10))
+        1.5
+
+    References: N. Otsu, "A Threshold Selection Method from Gray-Level Histograms", IEEE
+    Trans. SMC 1979; ``skimage/filters/thresholding.py: threshold_otsu`` (scikit-image 0.26);
+    SeeDiff code uses it on the squared expanded map (``seediff_app.py``).
     """
-    x = jnp.ravel(values).astype(jnp.float32)
+    if not isinstance(nbins, int) or nbins < 2:
+        raise ValueError(f"nbins must be an int >= 2 (static under jit), got {nbins!r}")
+    values = jnp.asarray(values)
+    if values.size == 0:
+        raise ValueError(f"threshold_otsu needs at least one value, got shape {values.shape}")
+    x = jnp.ravel(values.astype(jnp.float32))
+    counts, centres = _histogram(x, nbins)
+    counts = counts.astype(jnp.float32)
+    weight0 = jnp.cumsum(counts)  # integer-valued: exact in any summation order
+    weight1 = jnp.cumsum(counts[::-1])[::-1]
+    sum0, sum1 = _sequential_cumsums(counts * centres)
+    mean0 = sum0 / jnp.maximum(weight0, 1.0)
+    mean1 = sum1 / jnp.maximum(weight1, 1.0)
+    variance = weight0[:-1] * weight1[1:] * (mean0[:-1] - mean1[1:]) ** 2
+    # After an empty bin the variance equals the previous bin's in exact arithmetic (and in
+    # scikit-image's sequential float32 sums); the first bin of such a plateau wins the argmax.
+    # Masking the empty bins keeps that answer whatever order a backend sums in.
+    variance = jnp.where(counts[:-1] > 0, variance, -jnp.inf)
     lo, hi = jnp.min(x), jnp.max(x)
-    span = jnp.where(hi > lo, hi - lo, 1.0)
-    edges = lo + span * (jnp.arange(nbins + 1, dtype=jnp.float32) / nbins)
-    idx = jnp.clip(jnp.floor((x - lo) * (nbins / span)).astype(jnp.int32), 0, nbins - 1)
-    # np.histogram's correction for values that rounding puts in the neighbouring bin
-    idx = jnp.where(x < edges[idx], idx - 1, idx)
-    idx = jnp.where((x >= edges[idx + 1]) & (idx != nbins - 1), idx + 1, idx)
-    counts = jnp.zeros(nbins, jnp.float32).at[idx].add(1.0)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = jnp.cumsum(counts)
-    w1 = jnp.cumsum(counts[::-1])[::-1]
-    m0 = jnp.cumsum(counts * centres) / jnp.maximum(w0, 1.0)
-    m1 = (jnp.cumsum((counts * centres)[::-1]) / jnp.maximum(jnp.cumsum(counts[::-1]), 1.0))[::-1]
-    var = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]) ** 2
-    return jnp.where(hi > lo, centres[jnp.argmax(var)], lo)
+    return jnp.where(hi > lo, centres[jnp.argmax(variance)], lo)
