@@ -1,9 +1,9 @@
 """``jaxmask.load`` and ``jaxmask.generate``: prompts in, images and segmentation masks out.
 
-Composes the shell and the core: tokenize (``ports.sd.tokenizer``) -> the jitted sampler with attention
-capture (``ports.sd.sample``; what it captures is the method's ``capture_spec``) -> class-token weights
-(``jaxmask.class_token_weights``) -> ``jax.vmap(jaxmask.extract_masks)`` over the batch, jitted ->
-numpy on the host, once per batch.
+Composes the shell and the core: tokenize (``ports.sd.tokenizer``) -> the jitted sampler with
+attention capture (``ports.sd.sample``; what it captures is the method's ``capture_spec``) ->
+class-token weights (``jaxmask.class_token_weights``) -> ``jax.vmap(jaxmask.extract_masks)`` over
+the batch, jitted -> numpy on the host, once per batch.
 
 Example::
 
@@ -55,7 +55,8 @@ class GenerateResult:
       soft_masks: ``(b, k, h, w)`` float32 in [0, 1], one per class; None without classes.
       classes: per prompt, the class names its label values ``1..k`` stand for.
       prompts: the prompts, in batch order.
-      maps: the captured ``AttentionMaps`` (numpy, leading ``b``) when ``return_maps=True``, else None.
+      maps: the captured ``AttentionMaps`` (numpy, leading ``b``) when ``return_maps=True``, else
+        None.
     """
 
     images: np.ndarray
@@ -99,7 +100,7 @@ class Pipeline:
         return self.sd.vae_scale_factor * 2 ** (len(self.sd.unet.block_out_channels) - 1)
 
     def resolutions(self, size: int | None = None) -> tuple[int, ...]:
-        """The attention sides ``r`` of the UNet at ``size`` px (default: native), e.g. (8, 16, 32, 64)."""
+        """The UNet's attention sides ``r`` at ``size`` px (default: native), e.g. (8, 16, 32)."""
         size = self.native_size if size is None else size
         return self.sd.attention_resolutions(size, size)
 
@@ -126,17 +127,18 @@ class Pipeline:
           key: a PRNG key (``jax.random.key(seed)``) or an int seed. Item ``i``'s noise is
             ``fold_in(key, i)``: the same prompt at the same index gives the same image whatever the
             batch size.
-          classes: None (images only); a class name or a list of names shared by every prompt; or one
-            list per prompt, all of the same length ``k``. Each name must occur in its prompt's tokens
-            (e.g. ``"a photo of a cat"`` for ``"cat"``); multi-word names such as ``"potted plant"``
-            are matched as token sequences.
+          classes: None (images only); a class name or a list of names shared by every prompt; or
+            one list per prompt, all of the same length ``k``. Each name must occur in its prompt's
+            tokens (e.g. ``"a photo of a cat"`` for ``"cat"``); multi-word names such as
+            ``"potted plant"`` are matched as token sequences.
           method: ``"seediff-code"``, ``"seediff-paper"``, ``"ca"``, ``"ca_sa"``, or a config from
             ``jaxmask.methods.get(name, **overrides)``; it decides what is captured.
           steps: denoising steps.
           guidance: classifier-free guidance scale.
           negative_prompt: one negative prompt for all, or one per prompt.
-          height, width: the image size in pixels; square (attention maps are ``r x r``) and a multiple
-            of ``size_multiple``. Default: the model's native size; one given sets the other.
+          height, width: the image size in pixels; square (attention maps are ``r x r``) and a
+            multiple of ``size_multiple``. Default: the model's native size; one given sets the
+            other.
           scheduler: ``"ddim"``, ``"pndm"`` or ``"dpm++"`` (see ``ports.sd.schedulers``).
           return_maps: also return the captured ``AttentionMaps`` (self maps at 64x64 are 64 MiB per
             image).
@@ -169,18 +171,30 @@ class Pipeline:
             spec = method_cfg.capture_spec(self.resolutions(size))
         if classes is not None:
             weights = np.stack(
-                [_token_weights(self.sd.tokenizer, class_ids, ids[i], prompts[i], classes[i]) for i in range(b)]
+                [
+                    _token_weights(self.sd.tokenizer, class_ids, ids[i], prompts[i], classes[i])
+                    for i in range(b)
+                ]
             )
 
         samples = self.sampler(
-            ids, negative_ids, key, steps=steps, guidance=guidance, scheduler=scheduler, size=size, spec=spec
+            ids,
+            negative_ids,
+            key,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            size=size,
+            spec=spec,
         )
 
         soft_masks = label_maps = None
         if classes is not None:
             check_maps(samples.maps)
             pamr_cfg = PAMR_DEFAULT if pamr is True else (pamr or None)
-            soft, labels = _extract_batch(samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg)
+            soft, labels = _extract_batch(
+                samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg
+            )
             soft_masks = np.asarray(soft, np.float32)
             label_maps = np.asarray(labels, np.uint8)
         return GenerateResult(
@@ -199,7 +213,11 @@ class Pipeline:
         if height is None:
             return native
         valid = sorted(
-            {s for s in (native // 2, native - multiple, native, native + multiple, 2 * native) if s > 0 and s % multiple == 0}
+            {
+                s
+                for s in (native // 2, native - multiple, native, native + multiple, 2 * native)
+                if s > 0 and s % multiple == 0
+            }
         )
         hint = (
             f"this model takes square images whose side is a multiple of {multiple}, "
@@ -208,7 +226,9 @@ class Pipeline:
         if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))):
             raise TypeError(f"height and width must be ints, got {height!r} and {width!r}")
         if height != width:
-            raise ValueError(f"height {height} != width {width}: jaxmask's attention maps are square; {hint}")
+            raise ValueError(
+                f"height {height} != width {width}: jaxmask's attention maps are square; {hint}"
+            )
         if height <= 0 or height % multiple:
             raise ValueError(f"image size {height}x{width} is not valid: {hint}")
         return int(height)
@@ -231,7 +251,9 @@ def _negatives(negative_prompt, b: int) -> list[str]:
         return [negative_prompt] * b
     negatives = list(negative_prompt)
     if len(negatives) != b:
-        raise ValueError(f"negative_prompt has {len(negatives)} entries for {b} prompts: give one or {b}")
+        raise ValueError(
+            f"negative_prompt has {len(negatives)} entries for {b} prompts: give one or {b}"
+        )
     return negatives
 
 
@@ -247,7 +269,9 @@ def _classes(classes, b: int) -> tuple[tuple[str, ...], ...] | None:
     elif all(not isinstance(c, str) and isinstance(c, Sequence) for c in classes):
         per_prompt = [tuple(c) for c in classes]
         if len(per_prompt) != b:
-            raise ValueError(f"classes has {len(per_prompt)} lists for {b} prompts: give one list per prompt")
+            raise ValueError(
+                f"classes has {len(per_prompt)} lists for {b} prompts: give one list per prompt"
+            )
         if len({len(c) for c in per_prompt}) > 1:
             raise ValueError(
                 "every prompt must name the same number of classes (one batch has one mask count); "
@@ -256,11 +280,15 @@ def _classes(classes, b: int) -> tuple[tuple[str, ...], ...] | None:
     else:
         raise TypeError("classes must be a name, a list of names, or one list of names per prompt")
     if not per_prompt[0]:
-        raise ValueError("classes is empty: name at least one class, or pass classes=None for images only")
+        raise ValueError(
+            "classes is empty: name at least one class, or pass classes=None for images only"
+        )
     return tuple(per_prompt)
 
 
-def _token_weights(tokenizer, class_ids, prompt_ids, prompt: str, names: tuple[str, ...]) -> np.ndarray:
+def _token_weights(
+    tokenizer, class_ids, prompt_ids, prompt: str, names: tuple[str, ...]
+) -> np.ndarray:
     try:
         return jaxmask.class_token_weights(
             prompt_ids, [class_ids(tokenizer, name) for name in names], names
@@ -292,7 +320,9 @@ def _cached_pipeline(model: str, dtype: str) -> Pipeline:
     return load(model, dtype=dtype)
 
 
-def generate(prompt_or_prompts, key, *, model=None, dtype: Any = "float32", **kwargs) -> GenerateResult:
+def generate(
+    prompt_or_prompts, key, *, model=None, dtype: Any = "float32", **kwargs
+) -> GenerateResult:
     """``load(model, dtype=dtype).generate(prompt_or_prompts, key, **kwargs)`` in one call.
 
     The last loaded model is kept (with its compiled sampler), so repeated calls with the same

@@ -1,30 +1,32 @@
 """Attention capture for diffusers' Flax UNet, through ``flax.linen.intercept_methods``.
 
-Inside ``with intercept_attention(spec):`` every ``FlaxAttention.__call__`` of the UNet is replaced by
-the same attention computed here (no fork, no monkeypatch: flax's interceptor stack does the
+Inside ``with intercept_attention(spec):`` every ``FlaxAttention.__call__`` of the UNet is replaced
+by the same attention computed here (no fork, no monkeypatch: flax's interceptor stack does the
 replacement and leaves it when the block ends):
 
-    q, k, v = to_q(x), to_k(c), to_v(c)                  c = x (self, attn1) or the text (cross, attn2)
-    out     = to_out_0(softmax(q k^T * dim_head^-0.5) v)   per head, by ``jax.nn.dot_product_attention``
+    q, k, v = to_q(x), to_k(c), to_v(c)           c = x (self, attn1) or the text (cross, attn2)
+    out = to_out_0(softmax(q k^T / sqrt(d)) v)    per head: ``jax.nn.dot_product_attention``
 
 diffusers' ``split_head_dim`` and ``use_memory_efficient_attention`` only change how that product is
 laid out, not its value, and the UNet's linear vs 1x1-conv ``proj_in``/``proj_out`` are outside the
-attention module, so one computation serves every SD 1.x / 2.x UNet. The fused kernel is cuDNN's flash
-attention on a GPU for bf16/fp16 with head dim <= 128 (``implementation="cudnn"``), XLA's otherwise.
+attention module, so one computation serves every SD 1.x / 2.x UNet. The fused kernel is cuDNN's
+flash attention on a GPU for bf16/fp16 with head dim <= 128 (``implementation="cudnn"``), XLA's
+otherwise.
 
 For the layers ``spec`` declares, the probabilities are recomputed for the conditional half of the
-classifier-free-guidance batch only (the batch is ``[unconditional; conditional]``), head-mean in float32
-with the spec's per-step normalisation (``jaxmask.head_mean_probs``), and ``sow``n into the ``"maps"``
-collection under the layer's own path. Recomputing them beside the fused output means capturing never
-changes the UNet's output. ``step_maps`` then turns the collection of one UNet call into per-resolution
-arrays (cross maps stacked per layer in UNet order, self maps averaged over the chosen layers); the
-sampler adds those into running sums in its ``lax.scan`` carry, so nothing is stacked over steps.
+classifier-free-guidance batch only (the batch is ``[unconditional; conditional]``), head-mean in
+float32 with the spec's per-step normalisation (``jaxmask.head_mean_probs``), and ``sow``n into the
+``"maps"`` collection under the layer's own path. Recomputing them beside the fused output means
+capturing never changes the UNet's output. ``step_maps`` then turns the collection of one UNet call
+into per-resolution arrays (cross maps stacked per layer in UNet order, self maps averaged over the
+chosen layers); the sampler adds those into running sums in its ``lax.scan`` carry, so nothing is
+stacked over steps.
 
 Which layers: a layer is ``attn1`` (self) or ``attn2`` (cross) of ``transformer_blocks_m`` in
-``attentions_j`` of ``down_blocks_i`` / ``mid_block`` / ``up_blocks_i`` (its ``module.path``); its side
-is ``r = sqrt(query length)``. Cross maps are kept at ``spec.cross``; self maps at ``spec.self_attn``,
-from every self layer at ``r`` (``self_layers="mean"``) or only from the first layer of the up block at
-``r`` (``"first_up"``: ``attentions_0 / transformer_blocks_0``).
+``attentions_j`` of ``down_blocks_i`` / ``mid_block`` / ``up_blocks_i`` (its ``module.path``); its
+side is ``r = sqrt(query length)``. Cross maps are kept at ``spec.cross``; self maps at
+``spec.self_attn``, from every self layer at ``r`` (``self_layers="mean"``) or only from the first
+layer of the up block at ``r`` (``"first_up"``: ``attentions_0 / transformer_blocks_0``).
 
 Example::
 
@@ -47,6 +49,7 @@ import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger befo
 from jaxmask.maps import CaptureSpec, head_mean_probs
 
 MAPS = "maps"  # the flax collection the interceptor sows into
+NOTHING = CaptureSpec()  # the spec that captures nothing
 CROSS, SELF = "cross", "self"
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)$|^(mid_block)$")
@@ -99,7 +102,7 @@ def parse_layer(path: tuple[str, ...]) -> Layer | None:
 
 
 def wants(spec: CaptureSpec, layer: Layer | None, kind: str, side: int) -> bool:
-    """Whether ``spec`` keeps the ``kind`` (``"cross"``/``"self"``) map of ``layer`` at side ``side``."""
+    """Whether ``spec`` keeps the ``kind`` (``"cross"``/``"self"``) map of ``layer`` at ``side``."""
     if layer is None:
         return False
     if kind == CROSS:
@@ -109,15 +112,17 @@ def wants(spec: CaptureSpec, layer: Layer | None, kind: str, side: int) -> bool:
     return spec.self_layers == "mean" or layer.is_first_up
 
 
-def intercept_attention(spec: CaptureSpec = CaptureSpec(), *, weight=None, implementation=None):
+def intercept_attention(spec: CaptureSpec = NOTHING, *, weight=None, implementation=None):
     """A context manager under which the UNet's attention is computed (and captured) here.
 
     Args:
       spec: what to capture; the empty ``CaptureSpec()`` captures nothing (fused attention only).
-      weight: optional traced scalar, this step's capture weight: where it is 0 the probabilities are
-        not computed (``lax.cond``) and zeros are sown, so a step window costs nothing outside it.
-      implementation: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"``; None picks cuDNN on
-        a GPU where it applies (bf16/fp16, head dim a multiple of 8 and <= 128), XLA elsewhere.
+      weight: optional traced scalar, this step's capture weight: where it is 0 the
+        probabilities are not computed (``lax.cond``) and zeros are sown, so a step window costs
+        nothing outside it.
+      implementation: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"``; None picks
+        cuDNN on a GPU where it applies (bf16/fp16, head dim a multiple of 8 and <= 128), XLA
+        elsewhere.
 
     The maps are sown only when the caller made the ``"maps"`` collection mutable
     (``apply(..., mutable=[MAPS])``); otherwise nothing extra is computed.
@@ -142,7 +147,9 @@ def _bind(args, kwargs):
     """``FlaxAttention.__call__(hidden_states, context=None, deterministic=True)``'s arguments."""
     names = ("hidden_states", "context", "deterministic")
     if len(args) > len(names) or set(kwargs) - set(names):
-        raise TypeError(f"unexpected FlaxAttention call arguments: {len(args)} positional, {sorted(kwargs)}")
+        raise TypeError(
+            f"unexpected FlaxAttention call arguments: {len(args)} positional, {sorted(kwargs)}"
+        )
     bound = dict(zip(names, args))
     bound.update(kwargs)
     return bound["hidden_states"], bound.get("context"), bound.get("deterministic", True)
@@ -166,10 +173,16 @@ def _attention(module, hidden_states, text, deterministic, spec, weight, impleme
 
     kind = SELF if is_self else CROSS
     side = math.isqrt(n)
-    if side * side == n and module.is_mutable_collection(MAPS):
-        if wants(spec, parse_layer(tuple(module.path)), kind, side):
-            probs = _maybe(weight, lambda: conditional_head_mean(query, key, module.scale, spec.step_norm))
-            module.sow(MAPS, kind, probs, init_fn=lambda: 0.0, reduce_fn=lambda acc, x: acc + x)
+    captured = (
+        side * side == n
+        and module.is_mutable_collection(MAPS)
+        and wants(spec, parse_layer(tuple(module.path)), kind, side)
+    )
+    if captured:
+        probs = _maybe(
+            weight, lambda: conditional_head_mean(query, key, module.scale, spec.step_norm)
+        )
+        module.sow(MAPS, kind, probs, init_fn=lambda: 0.0, reduce_fn=lambda acc, x: acc + x)
     return out
 
 
@@ -198,8 +211,8 @@ def conditional_head_mean(query, key, scale: float, step_norm: str = "none"):
     b = query.shape[0]
     if b % 2:
         raise ValueError(
-            f"attention capture expects a classifier-free-guidance batch [unconditional; conditional] "
-            f"of even size, got batch {b}"
+            "attention capture expects a classifier-free-guidance batch [unconditional; "
+            f"conditional] of even size, got batch {b}"
         )
     logits = jnp.einsum(
         "bqhd,bkhd->bhqk", query[b // 2 :], key[b // 2 :], preferred_element_type=jnp.float32
@@ -213,12 +226,16 @@ def _fused_attention(query, key, value, scale, implementation):
         implementation = _default_implementation(query)
     if implementation == "cudnn":
         try:
-            return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                query, key, value, scale=scale, implementation="cudnn"
+            )
         except (ValueError, NotImplementedError, RuntimeError, TypeError):
             if _default_implementation(query) != "cudnn":  # asked for explicitly: say why it failed
                 raise
             implementation = "xla"
-    return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=implementation)
+    return jax.nn.dot_product_attention(
+        query, key, value, scale=scale, implementation=implementation
+    )
 
 
 def _default_implementation(query) -> str:
@@ -241,8 +258,9 @@ def step_maps(collection: Mapping | None, spec: CaptureSpec):
       spec: the spec the interceptor ran with.
 
     Returns:
-      ``(cross, self_attn)``: ``cross = {r: (b, l, r, r, t)}`` with the layers at ``r`` in UNet order
-      (down, mid, up), ``self_attn = {r: (b, n, n)}``, the mean over the self layers ``spec`` names.
+      ``(cross, self_attn)``: ``cross = {r: (b, l, r, r, t)}`` with the layers at ``r`` in UNet
+      order (down, mid, up), ``self_attn = {r: (b, n, n)}``, the mean over the self layers ``spec``
+      names.
 
     Raises:
       ValueError: ``spec`` declares a resolution at which no layer was captured.
@@ -269,11 +287,15 @@ def step_maps(collection: Mapping | None, spec: CaptureSpec):
     cross = {}
     for side in spec.cross:
         maps = ordered(CROSS, side)
-        cross[side] = jnp.stack([m.reshape(m.shape[0], side, side, m.shape[-1]) for m in maps], axis=1)
+        cross[side] = jnp.stack(
+            [m.reshape(m.shape[0], side, side, m.shape[-1]) for m in maps], axis=1
+        )
     self_attn = {}
     for side in spec.self_attn:
         maps = ordered(SELF, side)
         if spec.self_layers == "first_up" and len(maps) != 1:
-            raise ValueError(f"expected one first up-block self-attention layer at {side}, got {len(maps)}")
+            raise ValueError(
+                f"expected one first up-block self-attention layer at {side}, got {len(maps)}"
+            )
         self_attn[side] = sum(maps[1:], maps[0]) / len(maps)
     return cross, self_attn

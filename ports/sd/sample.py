@@ -1,22 +1,22 @@
 """The Stable Diffusion sampler: one ``jax.jit`` from token ids to images and attention maps.
 
-    ids, negative ids --CLIP--> text (2b, 77, d)                           [unconditional; conditional]
+    text    = CLIP([negative ids; ids])                    (2b, 77, d): [unconditional; conditional]
     noise_i = N(0, I) from fold_in(key, item_id_i), x init_noise_sigma
-    lax.scan over the scheduler's timesteps:                                one UNet body, any step count
-        eps_u, eps_c = UNet([x; x], t, text)      under intercept_attention (ports.sd.capture)
+    lax.scan over the scheduler's timesteps:               one UNet body, any step count
+        eps_u, eps_c = UNet([x; x], t, text)               under intercept_attention
         x            = scheduler.step(eps_u + g (eps_c - eps_u), t, x)
-        sums        += w_t * this step's maps      w_t from spec.steps_mask: no Python branch on t
-    images = VAE.decode(x / scaling_factor) / 2 + 0.5, clipped to [0, 1]
-    maps   = sums / number of captured steps      (AttentionMaps, one per item)
+        sums        += w_t * this step's maps              w_t from spec.steps_mask (no branch)
+    images  = VAE.decode(x / scaling_factor) / 2 + 0.5, clipped to [0, 1]
+    maps    = sums / number of captured steps              (AttentionMaps, one per item)
 
-This is diffusers' ``StableDiffusionPipeline`` loop (same order of CFG halves, ``scale_model_input``,
-``init_noise_sigma``, decode and post-processing), so on the same weights, noise and guidance it gives
-the PyTorch pipeline's latents and images (tests/ports/sd/test_sample.py). Compiles once per (batch
-size, image size, steps, scheduler, capture spec); the key, the item ids, the guidance scale and the
-prompts are traced arguments, so a new seed or prompt never recompiles. Each item's noise depends only
-on ``(key, item_id)``, never on the batch it is in. Running sums of float32 maps sit in the scan carry
-(never stacked per step: a 64x64 self-attention map is 64 MiB per image); nothing leaves the device
-inside the loop.
+This is diffusers' ``StableDiffusionPipeline`` loop (same order of CFG halves,
+``scale_model_input``, ``init_noise_sigma``, decode and post-processing), so on the same weights,
+noise and guidance it gives the PyTorch pipeline's latents and images
+(tests/ports/sd/test_sample.py). Compiles once per (batch size, image size, steps, scheduler,
+capture spec); the key, the item ids, the guidance scale and the prompts are traced arguments, so a
+new seed or prompt never recompiles. Each item's noise depends only on ``(key, item_id)``, never on
+the batch it is in. Running sums of float32 maps sit in the scan carry (never stacked per step: a
+64x64 self-attention map is 64 MiB per image); nothing leaves the device inside the loop.
 
 Example::
 
@@ -37,7 +37,7 @@ import numpy as np
 import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import AttentionMaps, CaptureSpec
 from ports.sd import schedulers
-from ports.sd.capture import MAPS, intercept_attention, step_maps
+from ports.sd.capture import MAPS, NOTHING, intercept_attention, step_maps
 
 _VAE_SCALING = 0.18215  # SD 1.x / 2.x; a VAE config's scaling_factor wins
 
@@ -50,8 +50,8 @@ class Samples:
       images: ``(b, h, w, 3)`` float32 in [0, 1] (``round(255 x)`` is diffusers' uint8 image).
       latents: ``(b, c, h/f, w/f)`` float32, the final latents before decoding (diffusers'
         ``output_type="latent"``).
-      maps: ``AttentionMaps`` with a leading ``b`` on every array (``jax.vmap`` over it); empty dicts
-        when the spec captures nothing.
+      maps: ``AttentionMaps`` with a leading ``b`` on every array (``jax.vmap`` over it); empty
+        dicts when the spec captures nothing.
     """
 
     images: jax.Array
@@ -78,8 +78,9 @@ def initial_noise(key: jax.Array, item_ids: jax.Array, shape: tuple[int, ...]) -
 class Sampler:
     """The jitted sampler of one loaded model (``ports.sd.load.StableDiffusion``).
 
-    The model's modules are static (held here), its params are arguments of the jitted function (never
-    baked into the program). One ``Sampler`` per loaded model: its jit cache is the compile cache.
+    The model's modules are static (held here), its params are arguments of the jitted function
+    (never baked into the program). One ``Sampler`` per loaded model: its jit cache is the compile
+    cache.
     """
 
     def __init__(self, sd):
@@ -95,7 +96,7 @@ class Sampler:
         return self._schedulers[key]
 
     def num_model_calls(self, steps: int, scheduler: str = "ddim") -> int:
-        """UNet evaluations (scan length) of ``steps`` inference steps: what ``spec.steps_mask`` counts."""
+        """UNet evaluations (scan length) of ``steps`` steps: what ``spec.steps_mask`` counts."""
         return schedulers.num_model_calls(self.scheduler(scheduler), steps)
 
     def native_size(self) -> int:
@@ -117,7 +118,7 @@ class Sampler:
         guidance: float = 7.5,
         scheduler: str = "ddim",
         size: int | None = None,
-        spec: CaptureSpec = CaptureSpec(),
+        spec: CaptureSpec = NOTHING,
     ) -> Samples:
         """Sample ``b`` images and their attention maps.
 
@@ -144,7 +145,8 @@ class Sampler:
         negative_ids = np.asarray(negative_ids, np.int32)
         if ids.ndim != 2 or negative_ids.shape != ids.shape:
             raise ValueError(
-                f"ids and negative_ids must both have shape (b, 77); got {ids.shape} and {negative_ids.shape}"
+                "ids and negative_ids must both have shape (b, 77); "
+                f"got {ids.shape} and {negative_ids.shape}"
             )
         b = ids.shape[0]
         if item_ids is None:
@@ -157,15 +159,15 @@ class Sampler:
         missing = sorted((set(spec.cross) | set(spec.self_attn)) - set(resolutions))
         if missing:
             raise ValueError(
-                f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px this UNet "
-                f"attends at {list(resolutions)}; build the spec from these resolutions"
+                f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px this "
+                f"UNet attends at {list(resolutions)}; build the spec from these resolutions"
             )
         name = schedulers.canonical_name(scheduler)
         calls = self.num_model_calls(steps, name)
         if _captures(spec) and not any(spec.steps_mask(calls)):
             raise ValueError(
-                f"the spec's step window {spec.step_window} (every {spec.every}) selects none of the "
-                f"{calls} denoising steps; widen the window or take more steps"
+                f"the spec's step window {spec.step_window} (every {spec.every}) selects none of "
+                f"the {calls} denoising steps; widen the window or take more steps"
             )
         sd = self.sd
         params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
@@ -184,13 +186,17 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------ traced
 
-    def _sample(self, params, ids, negative_ids, key, item_ids, guidance, *, steps, side, scheduler, spec):
+    def _sample(
+        self, params, ids, negative_ids, key, item_ids, guidance, *, steps, side, scheduler, spec
+    ):
         sd = self.sd
         sched = self.scheduler(scheduler)
         b = ids.shape[0]
         latent_shape = (sd.latent_channels, side, side)
 
-        text = sd.text_encoder.apply({"params": params["text"]}, jnp.concatenate([negative_ids, ids]))
+        text = sd.text_encoder.apply(
+            {"params": params["text"]}, jnp.concatenate([negative_ids, ids])
+        )
         state = schedulers.init_state(sched, steps, (b, *latent_shape))
         latents = initial_noise(key, item_ids, latent_shape) * state.init_noise_sigma
         mask = spec.steps_mask(state.timesteps.shape[0])
@@ -233,13 +239,17 @@ class Sampler:
             cross={r: m / captured for r, m in cross.items()},
             self_attn={r: m / captured for r, m in self_attn.items()},
             self_layers=spec.self_layers,
-            resolutions=sd.attention_resolutions(side * sd.vae_scale_factor, side * sd.vae_scale_factor),
+            resolutions=sd.attention_resolutions(
+                side * sd.vae_scale_factor, side * sd.vae_scale_factor
+            ),
         )
         scaling = float(getattr(sd.vae, "scaling_factor", _VAE_SCALING))
         decoded = sd.vae.apply(
             {"params": params["vae"]}, (latents / scaling).astype(sd.dtype), method=sd.vae.decode
         ).sample
-        images = jnp.clip(jnp.transpose(decoded.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+        images = jnp.clip(
+            jnp.transpose(decoded.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0
+        )
         return Samples(images=images, latents=latents, maps=maps)
 
 
@@ -248,5 +258,5 @@ def _captures(spec: CaptureSpec) -> bool:
 
 
 def to_uint8(images) -> np.ndarray:
-    """``(b, h, w, 3)`` float images in [0, 1] to uint8 the way diffusers does (``round(255 x)``)."""
+    """``(b, h, w, 3)`` float images in [0, 1] to uint8 as diffusers does (``round(255 x)``)."""
     return np.round(np.asarray(images, np.float32) * 255.0).astype(np.uint8)

@@ -1,28 +1,30 @@
 """Noise schedulers for the sampler: diffusers 0.39's Flax DDIM, PNDM and DPM-Solver++ by name.
 
 ``make(name, scheduler_config)`` builds the diffusers Flax scheduler from the checkpoint's
-``scheduler/scheduler_config.json`` (whatever scheduler class the checkpoint ships: its beta schedule,
-``steps_offset``, ``prediction_type``, ... carry over, exactly as ``DDIMScheduler.from_config(
-pipe.scheduler.config)`` does in PyTorch), with its state in float32 whatever the model's dtype (bf16
-scheduler state accumulates errors; HF's SDXL-on-TPU notes). The scheduler objects are pure: their
-``create_state`` / ``set_timesteps`` / ``scale_model_input`` / ``step`` trace into the sampler's jit.
+``scheduler/scheduler_config.json`` (whatever scheduler class the checkpoint ships: its beta
+schedule, ``steps_offset``, ``prediction_type``, ... carry over, exactly as
+``DDIMScheduler.from_config(pipe.scheduler.config)`` does in PyTorch), with its state in float32
+whatever the model's dtype (bf16 scheduler state accumulates errors; HF's SDXL-on-TPU notes). The
+scheduler objects are pure: their ``create_state`` / ``set_timesteps`` / ``scale_model_input`` /
+``step`` trace into the sampler's jit.
 
-| name      | diffusers class                    | model calls for ``steps``                          |
-|-----------|------------------------------------|----------------------------------------------------|
-| ``ddim``  | ``FlaxDDIMScheduler`` (eta 0)       | ``steps``                                          |
-| ``pndm``  | ``FlaxPNDMScheduler``               | ``steps + 1`` (``skip_prk_steps``, SD's config),   |
-|           |                                    | else ``steps + 9`` (Runge-Kutta warm-up)           |
-| ``dpm++`` | ``FlaxDPMSolverMultistepScheduler`` | ``steps`` (2nd order, ``algorithm_type`` dpmsolver++)|
+| name      | diffusers class                     | UNet calls for ``steps``                      |
+|-----------|-------------------------------------|-----------------------------------------------|
+| ``ddim``  | ``FlaxDDIMScheduler`` (eta 0)       | ``steps``                                     |
+| ``pndm``  | ``FlaxPNDMScheduler``               | ``steps + 1`` with ``skip_prk_steps`` (SD's   |
+|           |                                     | config), else ``steps + 9`` (Runge-Kutta)     |
+| ``dpm++`` | ``FlaxDPMSolverMultistepScheduler`` | ``steps`` (``solver_order`` 2 unless the      |
+|           |                                     | config says otherwise; ``dpmsolver++``)       |
 
 ``num_model_calls`` gives the number of UNet evaluations (the sampler's scan length); capture step
 windows (``CaptureSpec.steps_mask``) count those, like the reference codes' ``cur_step`` does.
 
 .. warning::
    The Flax schedulers implement a subset of the PyTorch ones' options. Options that would silently
-   change the result (e.g. ``timestep_spacing="trailing"`` for DDIM, Karras sigmas) raise ``ValueError``.
-   DPM-Solver++'s last step goes to timestep 0 as PyTorch's ``final_sigmas_type="sigma_min"`` does;
-   PyTorch's default ``"zero"`` takes a last first-order step to sigma 0 instead, so against the PyTorch
-   default the final image differs slightly.
+   change the result (e.g. ``timestep_spacing="trailing"`` for DDIM, Karras sigmas) raise
+   ``ValueError``. DPM-Solver++'s last step goes to timestep 0 as PyTorch's
+   ``final_sigmas_type="sigma_min"`` does; PyTorch's default ``"zero"`` takes a last first-order
+   step to sigma 0 instead, so against the PyTorch default the final image differs slightly.
 
 Example::
 
@@ -86,7 +88,7 @@ def canonical_name(name: str) -> str:
 
 
 def make(name: str, scheduler_config: Mapping[str, Any]):
-    """The diffusers Flax scheduler called ``name``, configured from the checkpoint's scheduler config.
+    """The diffusers Flax scheduler ``name``, configured from the checkpoint's scheduler config.
 
     Args:
       name: ``"ddim"``, ``"pndm"`` or ``"dpm++"`` (alias ``"dpmsolver++"``).
@@ -116,13 +118,16 @@ def make(name: str, scheduler_config: Mapping[str, Any]):
             continue
         if value not in supported:
             raise ValueError(
-                f"the checkpoint's scheduler config sets {option}={value!r}, which diffusers' Flax "
-                f"{key} scheduler does not implement (it implements {option} in {list(supported)}); "
-                f"choose another scheduler (one of {list(NAMES)}) or edit scheduler_config.json"
+                f"the checkpoint's scheduler config sets {option}={value!r}, which diffusers' "
+                f"Flax {key} scheduler does not implement (it implements {option} in "
+                f"{list(supported)}); choose another scheduler (one of {list(NAMES)}) or edit "
+                "scheduler_config.json"
             )
-    cls = {"ddim": FlaxDDIMScheduler, "pndm": FlaxPNDMScheduler, "dpm++": FlaxDPMSolverMultistepScheduler}[
-        key
-    ]
+    cls = {
+        "ddim": FlaxDDIMScheduler,
+        "pndm": FlaxPNDMScheduler,
+        "dpm++": FlaxDPMSolverMultistepScheduler,
+    }[key]
     # Options checked above that the Flax class does not take (at their default, so they change
     # nothing) would only make diffusers log "config attributes ... will be ignored".
     accepted = inspect.signature(cls.__init__).parameters
@@ -133,7 +138,7 @@ def make(name: str, scheduler_config: Mapping[str, Any]):
 
 
 def init_state(scheduler, num_steps: int, shape: tuple[int, ...]):
-    """The scheduler's state after ``set_timesteps(num_steps)`` for latents of ``shape`` (traceable)."""
+    """The state after ``set_timesteps(num_steps)`` for latents of ``shape`` (traceable)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"steps must be a positive int, got {num_steps!r}")
     if _uses_prk(scheduler) and num_steps < scheduler.pndm_order:

@@ -28,13 +28,13 @@ METHOD = jaxmask.methods.get("seediff-code", seed_resolution=8)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_path):
-    # the pipeline jaxmask.generate(model=tiny_sd_path) caches, so both paths share compiled programs
+    # the pipeline jaxmask.generate(model=tiny_sd_path) caches: both share compiled programs
     return api._cached_pipeline(os.fspath(tiny_sd_path), "float32")
 
 
 @pytest.fixture(scope="module")
 def batch_of_two(pipe, tiny_sd_path):
-    kwargs = dict(classes=CLASSES, method=METHOD, steps=STEPS, return_maps=True)
+    kwargs = {"classes": CLASSES, "method": METHOD, "steps": STEPS, "return_maps": True}
     first = jaxmask.generate(PROMPTS, jax.random.key(0), model=tiny_sd_path, **kwargs)
     compiled = pipe.sampler.cache_size()
     again = pipe.generate(PROMPTS, jax.random.key(0), **kwargs)
@@ -92,11 +92,15 @@ def test_errors(pipe):
     compiled = pipe.sampler.cache_size()
     with pytest.raises(ValueError, match=r"prompt 'a red dog on the table': 'cat' does not occur"):
         generate(classes="cat")
-    with pytest.raises(ValueError, match=r"multiple of 8, e\.g\. 32, 56, 64, 72, 128 \(native 64\)"):
+    with pytest.raises(
+        ValueError, match=r"multiple of 8, e\.g\. 32, 56, 64, 72, 128 \(native 64\)"
+    ):
         generate(height=60)
     with pytest.raises(ValueError, match="height 64 != width 128"):
         generate(height=64, width=128)
-    with pytest.raises(ValueError, match="needs attention at side 4"):  # the default SeeDiff on tiny
+    with pytest.raises(
+        ValueError, match="needs attention at side 4"
+    ):  # the default SeeDiff on tiny
         pipe.generate(PROMPTS, 0, classes=CLASSES)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         generate(classes=CLASSES, method="nope")

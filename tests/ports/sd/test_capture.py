@@ -47,7 +47,9 @@ class _RecordingProcessor:
     def __init__(self, store, name):
         self.store, self.name = store, name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None
+    ):
         assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -80,14 +82,20 @@ class MapRecorder:
 
 
 _TORCH_LAYER = re.compile(
-    r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])$"
+    r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?"
+    r"\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn[12])$"
 )
 
 
 def _torch_order(name):
     """(place, block, attention, transformer): diffusers' module order, written independently."""
     place, block, attention, transformer, _ = _TORCH_LAYER.match(name).groups()
-    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[place], int(block or 0), int(attention), int(transformer))
+    return (
+        {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[place],
+        int(block or 0),
+        int(attention),
+        int(transformer),
+    )
 
 
 def _normalize(step, kind, step_norm):
@@ -121,15 +129,19 @@ def expected_maps(calls, spec: CaptureSpec):
     for r in spec.self_attn:
         layers = [n for n in names if n.endswith("attn1") and calls[n][0].shape[1] == r * r]
         if spec.self_layers == "first_up":
-            layers = [n for n in layers if re.match(r"^up_blocks\.\d+\.attentions\.0\.transformer_blocks\.0\.", n)]
+            layers = [
+                n
+                for n in layers
+                if re.match(r"^up_blocks\.\d+\.attentions\.0\.transformer_blocks\.0\.", n)
+            ]
             assert len(layers) == 1, layers
         self_attn[r] = np.mean([mean_over_steps(n, "self") for n in layers], axis=0)
     return cross, self_attn
 
 
 def assert_maps_close(actual, expected, rel):
-    """Compare ``(cross, self)`` dicts: ``max |got - want| <= rel * max |want|`` per map; returns the
-    worst such relative error."""
+    """Compare ``(cross, self)`` dicts: ``max |got - want| <= rel * max |want|`` per map; returns
+    the worst such relative error."""
     worst = 0.0
     for got, want in zip(actual, expected):
         assert sorted(got) == sorted(want)
@@ -231,11 +243,13 @@ def test_parse_layer():
         1, 0, 0, 0, "attn1"
     )
     # a prefix (the UNet inside another module) is skipped
-    assert parse_layer(("wrapper", "up_blocks_0", "attentions_1", "transformer_blocks_0", "attn1")) == Layer(
-        2, 0, 1, 0, "attn1"
-    )
+    assert parse_layer(
+        ("wrapper", "up_blocks_0", "attentions_1", "transformer_blocks_0", "attn1")
+    ) == Layer(2, 0, 1, 0, "attn1")
     assert parse_layer(("up_blocks_0", "attentions_0", "transformer_blocks_0", "attn1")).is_first_up
-    assert not parse_layer(("up_blocks_0", "attentions_1", "transformer_blocks_0", "attn1")).is_first_up
+    assert not parse_layer(
+        ("up_blocks_0", "attentions_1", "transformer_blocks_0", "attn1")
+    ).is_first_up
     assert parse_layer(("encoder", "mid_block", "attentions_0")) is None  # a VAE attention block
     assert parse_layer(("text", "layers_0", "attn1")) is None
     # UNet order: down < mid < up, then block, attention, transformer indices
@@ -263,7 +277,10 @@ def test_output_equals_diffusers_attention(flax_calls, torch_calls):
         np.testing.assert_allclose(np.asarray(flax_calls[name][0]), reference, rtol=0, atol=2e-5)
     torch_out, _ = torch_calls
     assert np.abs(reference - torch_out).max() <= 1e-4 * np.abs(torch_out).max()
-    assert np.abs(np.asarray(flax_calls["mean"][0]) - torch_out).max() <= 1e-4 * np.abs(torch_out).max()
+    assert (
+        np.abs(np.asarray(flax_calls["mean"][0]) - torch_out).max()
+        <= 1e-4 * np.abs(torch_out).max()
+    )
 
 
 @pytest.mark.parametrize("name, spec", [("mean", SPEC_MEAN), ("first_up", SPEC_FIRST_UP)])

@@ -1,7 +1,7 @@
 """ports.sd.sample and ports.sd.schedulers: whole sampling runs against diffusers' PyTorch
 ``StableDiffusionPipeline`` on the same tiny weights, initial noise, prompts, negative prompts and
-guidance (latents, images, and the attention maps a PyTorch processor records in the same run); capture
-does not change the image; a new key, prompt or guidance does not recompile.
+guidance (latents, images, and the attention maps a PyTorch processor records in the same run);
+capture does not change the image; a new key, prompt or guidance does not recompile.
 """
 
 import jax
@@ -34,11 +34,19 @@ SEED = 3
 SPEC_DDIM = CaptureSpec(cross=(8, 16), self_attn=(8, 16))
 # PNDM (SD 1.x tiny, STEPS + 1 UNet calls): first-up self maps, SeeDiff's per-step max, a window.
 SPEC_PNDM = CaptureSpec(
-    cross=(16,), self_attn=(8, 16), self_layers="first_up", step_norm="max", step_window=(0.2, 1.0),
+    cross=(16,),
+    self_attn=(8, 16),
+    self_layers="first_up",
+    step_norm="max",
+    step_window=(0.2, 1.0),
     every=2,
 )
 
-_TORCH_SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+_TORCH_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
 
 
 def _close(actual, expected, rel):
@@ -91,7 +99,9 @@ def _ids(sd):
 
 
 def _noise(sd):
-    return initial_noise(jax.random.key(SEED), jnp.arange(len(PROMPTS)), (sd.latent_channels, 16, 16))
+    return initial_noise(
+        jax.random.key(SEED), jnp.arange(len(PROMPTS)), (sd.latent_channels, 16, 16)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +119,12 @@ def ddim_runs(tiny_sd2_path):
     """DDIM on the SD 2.x tiny model (linear projections, per-block heads): ours and PyTorch's."""
     sd = load(tiny_sd2_path)
     ours = Sampler(sd)(
-        *_ids(sd), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="ddim", spec=SPEC_DDIM
+        *_ids(sd),
+        jax.random.key(SEED),
+        steps=STEPS,
+        guidance=GUIDANCE,
+        scheduler="ddim",
+        spec=SPEC_DDIM,
     )
     return ours, _torch_run(tiny_sd2_path, "ddim", _noise(sd))
 
@@ -117,33 +132,54 @@ def ddim_runs(tiny_sd2_path):
 @pytest.fixture(scope="module")
 def pndm_runs(tiny_sd_path, sd1, sampler1):
     ours = sampler1(
-        *_ids(sd1), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="pndm", spec=SPEC_PNDM
+        *_ids(sd1),
+        jax.random.key(SEED),
+        steps=STEPS,
+        guidance=GUIDANCE,
+        scheduler="pndm",
+        spec=SPEC_PNDM,
     )
     return ours, _torch_run(tiny_sd_path, "pndm", _noise(sd1))
 
 
-@pytest.mark.parametrize("runs", ["ddim_runs", "pndm_runs"])
+@pytest.fixture(scope="module")
+def dpm_runs(tiny_sd_path, sd1, sampler1):
+    """DPM-Solver++ (2nd order) without capture; its step maths is also checked, fast, below."""
+    ours = sampler1(
+        *_ids(sd1), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="dpm++"
+    )
+    return ours, _torch_run(tiny_sd_path, "dpm++", _noise(sd1), record=False)
+
+
+@pytest.mark.parametrize(
+    "runs", ["ddim_runs", "pndm_runs", pytest.param("dpm_runs", marks=pytest.mark.slow)]
+)
 def test_sampling_reproduces_pytorch_pipeline(runs, request):
     ours, (latents, images, _) = request.getfixturevalue(runs)
     assert ours.images.shape == (2, 64, 64, 3) and ours.images.dtype == jnp.float32
     assert ours.latents.shape == (2, 4, 16, 16)
-    # the Flax UNet itself deviates ~5e-5 from PyTorch's (timestep embedding in float32); guidance 7.5
-    # amplifies that over the steps
+    # the Flax UNet itself deviates ~5e-5 from PyTorch's (timestep embedding in float32); guidance
+    # 7.5 amplifies that over the steps
     latent_error = _close(ours.latents, latents, rel=3e-4)
     image_error = float(np.abs(np.asarray(ours.images) - images).max())
-    print(f"{runs}: latents relative error {latent_error:.2e}, images max abs error {image_error:.2e}")
+    print(
+        f"{runs}: latents relative error {latent_error:.2e}, images max abs error {image_error:.2e}"
+    )
     assert image_error <= 3e-4
     assert np.abs(to_uint8(ours.images).astype(int) - to_uint8(images).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("runs, spec", [("ddim_runs", SPEC_DDIM), ("pndm_runs", SPEC_PNDM)])
 def test_maps_equal_pytorch_processor(runs, spec, request):
-    """The run's AttentionMaps equal the conditional-half, head-mean probabilities a PyTorch attention
-    processor records in the PyTorch run, per layer and resolution, averaged over the captured steps."""
+    """The run's AttentionMaps equal the conditional-half, head-mean probabilities a PyTorch
+    attention processor records in the PyTorch run, per layer and resolution, averaged over the
+    captured steps."""
     ours, (_, _, calls) = request.getfixturevalue(runs)
     assert ours.maps.self_layers == spec.self_layers and ours.maps.resolutions == (8, 16)
     num_calls = len(next(iter(calls.values())))
-    assert num_calls == STEPS + (runs == "pndm_runs")  # PNDM (skip_prk_steps) calls the UNet once more
+    assert num_calls == STEPS + (
+        runs == "pndm_runs"
+    )  # PNDM (skip_prk_steps) calls the UNet once more
     worst = assert_maps_close(
         (ours.maps.cross, ours.maps.self_attn),
         expected_maps(calls, spec),
@@ -154,10 +190,16 @@ def test_maps_equal_pytorch_processor(runs, spec, request):
 
 def test_capture_does_not_change_the_image(sd1, sampler1, pndm_runs):
     captured, _ = pndm_runs
-    plain = sampler1(*_ids(sd1), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="pndm")
+    plain = sampler1(
+        *_ids(sd1), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="pndm"
+    )
     assert plain.maps.cross == {} and plain.maps.self_attn == {}
-    np.testing.assert_allclose(np.asarray(plain.latents), np.asarray(captured.latents), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(plain.images), np.asarray(captured.images), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(plain.latents), np.asarray(captured.latents), rtol=0, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(plain.images), np.asarray(captured.images), rtol=0, atol=1e-6
+    )
 
 
 def test_new_key_prompt_guidance_do_not_recompile(sd1, sampler1, pndm_runs):
@@ -165,8 +207,14 @@ def test_new_key_prompt_guidance_do_not_recompile(sd1, sampler1, pndm_runs):
     sampler1(ids, negative, jax.random.key(SEED), steps=STEPS, scheduler="pndm", spec=SPEC_PNDM)
     before = sampler1.cache_size()
     other = sampler1(
-        ids[::-1], negative, jax.random.key(SEED + 1), steps=STEPS, guidance=3.0, scheduler="pndm",
-        spec=SPEC_PNDM, item_ids=np.array([7, 8]),
+        ids[::-1],
+        negative,
+        jax.random.key(SEED + 1),
+        steps=STEPS,
+        guidance=3.0,
+        scheduler="pndm",
+        spec=SPEC_PNDM,
+        item_ids=np.array([7, 8]),
     )
     assert sampler1.cache_size() == before
     assert not np.allclose(np.asarray(other.images), np.asarray(pndm_runs[0].images))
@@ -236,7 +284,8 @@ def test_scheduler_timesteps_match_pytorch(tiny_sd_path, sd1, name, skip_prk_ste
 )
 def test_scheduler_steps_match_pytorch(sd1, name, overrides):
     """A whole denoising loop with a stand-in model ``eps(x, t)``: ours (jitted lax.scan) equals the
-    PyTorch scheduler's loop from the same config, PNDM's warm-up and DPM-Solver's orders included."""
+    PyTorch scheduler's loop from the same config, PNDM's warm-up and DPM-Solver's orders
+    included."""
     import diffusers
 
     config = dict(sd1.scheduler_config, **overrides)
@@ -271,7 +320,9 @@ def test_scheduler_steps_match_pytorch(sd1, name, overrides):
 
 
 def test_scheduler_errors(sd1):
-    with pytest.raises(ValueError, match=r"unknown scheduler 'lms'; choose one of \['ddim', 'pndm', 'dpm\+\+'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown scheduler 'lms'; choose one of \['ddim', 'pndm', 'dpm\+\+'\]"
+    ):
         schedulers.make("lms", sd1.scheduler_config)
     with pytest.raises(ValueError, match="timestep_spacing='trailing'.*ddim"):
         schedulers.make("ddim", dict(sd1.scheduler_config, timestep_spacing="trailing"))
