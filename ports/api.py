@@ -119,6 +119,7 @@ class Pipeline:
         scheduler: str = "ddim",
         return_maps: bool = False,
         pamr: PAMRConfig | bool | None = None,
+        item_ids: Sequence[int] | None = None,
     ) -> GenerateResult:
         """Generate one image per prompt, and masks of the named classes from the model's attention.
 
@@ -144,6 +145,8 @@ class Pipeline:
             image).
           pamr: refine the soft masks with PAMR: a ``jaxmask.PAMRConfig``, True for the reference
             defaults, None/False for none.
+          item_ids: the items' global indices (default ``0..b-1``); item ``i``'s noise is
+            ``fold_in(key, item_ids[i])`` (dataset runs pass their global indices).
 
         Returns:
           ``GenerateResult``.
@@ -181,6 +184,7 @@ class Pipeline:
             ids,
             negative_ids,
             key,
+            item_ids=item_ids,
             steps=steps,
             guidance=guidance,
             scheduler=scheduler,
