@@ -69,12 +69,17 @@ def test_same_key_same_result(batch_of_two):
     np.testing.assert_array_equal(first.soft_masks, again.soft_masks)
 
 
-def test_batch_size_does_not_change_an_item(pipe, batch_of_two):
-    """Item 0 alone equals item 0 of the batch of two (its noise is fold_in(key, 0) either way)."""
-    pair, _ = batch_of_two
-    alone = pipe.generate(
+@pytest.fixture(scope="module")
+def alone(pipe):
+    """Prompt 0 in a batch of one."""
+    return pipe.generate(
         PROMPTS[0], jax.random.key(0), classes="cat", method=METHOD, steps=STEPS, return_maps=True
     )
+
+
+def test_batch_size_does_not_change_an_item(pipe, batch_of_two, alone):
+    """Item 0 alone equals item 0 of the batch of two (its noise is fold_in(key, 0) either way)."""
+    pair, _ = batch_of_two
     assert alone.images.shape == (1, 64, 64, 3)
     assert np.abs(alone.images[0].astype(int) - pair.images[0].astype(int)).max() <= 1
     np.testing.assert_allclose(alone.maps.cross[8][0], pair.maps.cross[8][0], rtol=1e-4, atol=1e-6)
@@ -83,6 +88,16 @@ def test_batch_size_does_not_change_an_item(pipe, batch_of_two):
     # a different key gives a different image
     other = pipe.generate(PROMPTS[0], jax.random.key(1), classes="cat", method=METHOD, steps=STEPS)
     assert not np.array_equal(other.images, alone.images)
+
+
+def test_without_classes_no_masks(pipe, alone):
+    """classes=None: images (and maps when asked) but no masks; same image as with masks."""
+    compiled = pipe.sampler.cache_size()
+    result = pipe.generate(PROMPTS[0], 0, method=METHOD, steps=STEPS, return_maps=True)
+    assert pipe.sampler.cache_size() == compiled  # same spec as ``alone``: its program is reused
+    assert result.label_maps is None and result.soft_masks is None and result.classes == ((),)
+    np.testing.assert_array_equal(result.images, alone.images)
+    np.testing.assert_array_equal(result.maps.cross[8], alone.maps.cross[8])
 
 
 def test_errors(pipe):
