@@ -32,19 +32,120 @@ def demo(
     typer.echo(f"contact sheet: {result.sheet}")
 
 
+@app.command()
+def generate(
+    out: Path = typer.Option(..., "--out", "-o", help="dataset folder (created, or resumed)"),
+    classes: str = typer.Option("voc", help="'voc', 'cityscapes', 'cat,dog,...' or @file (one per line)"),
+    per_class: int = typer.Option(..., "--per-class", "-n", help="images per class"),
+    template: list[str] = typer.Option([], help="prompt template with {class}; repeat for several"),
+    prompts: Path = typer.Option(None, help="JSONL of {\"prompt\": ..., \"classes\": [...]} (several classes per prompt)"),
+    model: str = typer.Option(None, help="diffusers-format folder or hub id"),
+    method: str = typer.Option("seediff-code", help="seediff-code, seediff-paper, ca or ca_sa"),
+    param: list[str] = typer.Option([], help="method parameter NAME=VALUE, e.g. beta=0.5; repeatable"),
+    steps: int = typer.Option(50, min=1),
+    guidance: float = typer.Option(7.5),
+    size: int = typer.Option(None, help="image side in pixels (default: the model's)"),
+    scheduler: str = typer.Option("ddim", help="ddim, pndm or dpm++"),
+    negative_prompt: str = typer.Option(""),
+    seed: int = typer.Option(0, help="item i uses fold_in(key(seed), i)"),
+    batch_size: int = typer.Option(4, min=1),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    format: str = typer.Option("voc", help="voc (folder) or webdataset (tar shards)"),
+    pamr: bool = typer.Option(False, help="refine masks with PAMR"),
+    soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset made with another config"),
+    coordinator: str = typer.Option(None, help="multi-host: coordinator host:port (jax.distributed)"),
+    num_processes: int = typer.Option(None, help="multi-host: number of processes"),
+    process_id: int = typer.Option(None, help="multi-host: this process's id"),
+) -> None:
+    """Generate a segmentation dataset: images, label maps (VOC palette, 255 ignore), a manifest.
+    Resumes an interrupted run; on several hosts each writes its share."""
+    import time
+
+    from ports import generate as gen
+    from ports import plan as plans
+    from ports.scale import hosts
+
+    hosts.initialize_distributed(coordinator, num_processes, process_id)
+    try:
+        plan = plans.make_plan(classes, per_class, template, prompts)
+        params = tuple((k, _parse_value(v)) for k, v in (_split_param(p) for p in param))
+        cfg = gen.RunConfig(plan=plan, model=model, method=method, method_params=params, steps=steps,
+                            guidance=guidance, size=size, scheduler=scheduler,
+                            negative_prompt=negative_prompt, seed=seed, dtype=dtype, format=format,
+                            pamr=pamr, soft_masks=soft_masks)
+        cfg.method_config()  # validates the method and its parameters before loading a model
+        if format not in ("voc", "webdataset"):
+            raise ValueError(f"unknown format {format!r}; use voc or webdataset")
+    except ValueError as err:
+        _fail(err)
+    import jax
+
+    start = time.perf_counter()
+    with _progress(plan.total, "generate", disable=jax.process_index() != 0) as bar:
+        task = bar.add_task("generate", total=plan.total, rate="")
+
+        def on_batch(n):
+            bar.update(task, advance=n * jax.process_count())
+            done = bar.tasks[task].completed
+            bar.update(task, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+
+        try:
+            result = gen.run(cfg, out, batch_size=batch_size, overwrite=overwrite, on_batch=on_batch)
+        except (ValueError, OSError) as err:
+            _fail(err)
+    if jax.process_index() == 0:
+        typer.echo(f"{result.written} generated, {result.resumed} already there, "
+                   f"{result.total} in {result.out} ({result.seconds:.1f} s)")
+
+
+@app.command()
+def preview(
+    dataset: Path = typer.Argument(..., help="a jaxmask dataset folder (VOC layout)"),
+    out: Path = typer.Option(None, help="PNG to write (default <dataset>/preview.png)"),
+    count: int = typer.Option(8, min=1, help="items to show"),
+) -> None:
+    """A contact sheet of a dataset: image | label overlay | label map, one row per item."""
+    from ports import render
+
+    try:
+        path = render.preview_dataset(dataset, out or dataset / "preview.png", count)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    typer.echo(f"contact sheet: {path}")
+
+
+def _split_param(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"method parameter {text!r} must be NAME=VALUE, e.g. beta=0.5")
+    name, value = text.split("=", 1)
+    return name.strip(), value.strip()
+
+
+def _parse_value(text: str):
+    """Numbers, booleans and None as such; anything else stays a string."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return tuple(value) if isinstance(value, list) else value  # configs are hashable
+
+
 def _fail(err: Exception) -> None:
     """Bad input: one line that says what to do, exit code 2, no traceback."""
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(2)
 
 
-def _progress(total: int, description: str):
+def _progress(total: int, description: str, disable: bool = False):
     """A rich progress bar with images/s and ETA (process 0 only shows it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn(description), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=disable,
     )
 
 

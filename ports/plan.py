@@ -120,6 +120,8 @@ def read_prompts(path: Path, classes: tuple[str, ...]) -> tuple[tuple[str, tuple
         out.append((prompt, names))
     if not out:
         raise ValueError(f"prompt file {path} holds no prompts")
+    if len({len(names) for _, names in out}) > 1:  # one batch, one (k, t) weight shape
+        raise ValueError(f"{path}: every prompt must name the same number of classes; split the file")
     return tuple(out)
 
 

@@ -45,3 +45,22 @@ def write_sheet(rows, path: Path, tile: int = 160) -> Path:
     contact_sheet(rows, tile).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def preview_dataset(dataset: Path, out: Path, count: int = 8, tile: int = 160) -> Path:
+    """Contact sheet of the first ``count`` items of a VOC-layout jaxmask dataset."""
+    import json
+
+    dataset = Path(dataset)
+    manifest = dataset / "manifest.jsonl"
+    if not manifest.is_file():
+        raise ValueError(f"{dataset} has no manifest.jsonl: is it a finished jaxmask VOC dataset?")
+    rows = []
+    for line in manifest.read_text().splitlines()[:count]:
+        record = json.loads(line)
+        image = np.asarray(Image.open(dataset / "JPEGImages" / f"{record['id']}.jpg").convert("RGB"))
+        labels = np.asarray(Image.open(dataset / "SegmentationClass" / f"{record['id']}.png"))
+        rows.append((f"{record['id']}: {record['prompt']}", [image, overlay(image, labels), VOC_PALETTE[labels]]))
+    if not rows:
+        raise ValueError(f"{manifest} lists no items yet")
+    return write_sheet(rows, Path(out), tile)
