@@ -101,6 +101,15 @@ def run(
     size = pipeline._size(cfg.size, cfg.size)  # validates the size against the UNet
     plan = cfg.plan
     sd = pipeline.sd
+    if jax.local_device_count() > 1:  # split every batch over this host's devices
+        from ports.scale.mesh import data_mesh
+
+        if batch_size % jax.local_device_count():
+            raise ValueError(
+                f"batch size {batch_size} is not a multiple of this host's "
+                f"{jax.local_device_count()} devices; use a multiple"
+            )
+        pipeline.sampler.mesh = data_mesh()
     dataset = open_dataset(
         out, cfg.to_json(sd.source, sd.fingerprint, size), overwrite,
         process_index=jax.process_index(), process_count=jax.process_count(), barrier=hosts.barrier,

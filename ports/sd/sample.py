@@ -83,8 +83,9 @@ class Sampler:
     cache.
     """
 
-    def __init__(self, sd):
+    def __init__(self, sd, mesh=None):
         self.sd = sd
+        self.mesh = mesh  # a ``ports.scale.mesh.data_mesh``: batches split over its "data" axis
         self._schedulers: dict[str, Any] = {}
         self._run = jax.jit(self._sample, static_argnames=("steps", "side", "scheduler", "spec"))
 
@@ -171,12 +172,15 @@ class Sampler:
             )
         sd = self.sd
         params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
+        batch = (ids, negative_ids, item_ids)
+        if self.mesh is not None:  # data parallel: inputs split on "data", the jit follows them
+            from ports.scale.mesh import shard_batch
+
+            batch = shard_batch(batch, self.mesh)
         return self._run(
             params,
-            ids,
-            negative_ids,
+            *batch,
             key,
-            item_ids,
             jnp.float32(guidance),
             steps=int(steps),
             side=size // sd.vae_scale_factor,
@@ -187,7 +191,7 @@ class Sampler:
     # ------------------------------------------------------------------------------------ traced
 
     def _sample(
-        self, params, ids, negative_ids, key, item_ids, guidance, *, steps, side, scheduler, spec
+        self, params, ids, negative_ids, item_ids, key, guidance, *, steps, side, scheduler, spec
     ):
         sd = self.sd
         sched = self.scheduler(scheduler)
