@@ -58,8 +58,10 @@ def preview_dataset(dataset: Path, out: Path, count: int = 8, tile: int = 160) -
     rows = []
     for line in manifest.read_text().splitlines()[:count]:
         record = json.loads(line)
-        image = np.asarray(Image.open(dataset / "JPEGImages" / f"{record['id']}.jpg").convert("RGB"))
-        labels = np.asarray(Image.open(dataset / "SegmentationClass" / f"{record['id']}.png"))
+        with Image.open(dataset / "JPEGImages" / f"{record['id']}.jpg") as img:
+            image = np.asarray(img.convert("RGB"))
+        with Image.open(dataset / "SegmentationClass" / f"{record['id']}.png") as img:
+            labels = np.asarray(img)
         rows.append((f"{record['id']}: {record['prompt']}", [image, overlay(image, labels), VOC_PALETTE[labels]]))
     if not rows:
         raise ValueError(f"{manifest} lists no items yet")
