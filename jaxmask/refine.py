@@ -1,4 +1,8 @@
-"""Refinement of soft masks: resizing and PAMR (pixel-adaptive mask refinement)."""
+"""Refinement of soft masks: resizing, and PAMR (pixel-adaptive mask refinement).
+
+Building blocks first (``resize``, ``pamr_affinity``, ``pamr_propagate``), then ``pamr``
+composed from them, with the reference's settings and SeeDiff's as presets.
+"""
 
 import dataclasses
 from typing import Literal
@@ -11,35 +15,73 @@ Resize = Literal["bilinear", "bicubic", "nearest"]
 _JAX_METHOD = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}
 
 
-def resize(m: Float[Array, "... h w"], size: tuple[int, int], method: Resize = "bilinear"):
-    """Resize the last two axes to ``size`` (half-pixel centres, as OpenCV and PyTorch's
-    ``align_corners=False``); no antialiasing, so upsampling matches the references.
+# --- resize --------------------------------------------------------------------------------------
+
+
+def resize(
+    m: Float[Array, "... h w"], size: tuple[int, int], method: Resize = "bilinear"
+) -> Float[Array, "... size_h size_w"]:
+    """Resize the last two axes to ``size = (h', w')`` with ``jax.image.resize``.
+
+    Pixel centres are at half-integers (OpenCV ``cv2.resize``, PyTorch ``align_corners=False``)
+    and there is no antialiasing, so bilinear up- and downsampling equal OpenCV's INTER_LINEAR
+    and PyTorch's ``F.interpolate(mode="bilinear")``. A map already at ``size`` is returned
+    as is.
 
     .. warning::
-       jax's cubic kernel is Keys' a = -0.5; OpenCV's INTER_CUBIC (SeeDiff's code) uses
-       a = -0.75, so bicubic results are close to, not equal with, the reference code.
+       ``"bicubic"`` is Keys' cubic with a = -0.5 (jax's ``"cubic"``); OpenCV's INTER_CUBIC
+       (SeeDiff's code) and PyTorch's ``"bicubic"`` (Dataset Diffusion, DAAM) use a = -0.75,
+       and treat the border differently, so bicubic results are close to the references'
+       (typically ~1e-2 on a smooth map) but not equal. ``"nearest"`` is PyTorch's
+       ``"nearest-exact"`` (source pixel ``floor((i + 0.5) * scale)``), not PyTorch's
+       ``"nearest"`` or OpenCV's INTER_NEAREST (``floor(i * scale)``).
+
+    Args:
+      m: ``(..., h, w)`` float maps; leading axes are kept.
+      size: ``(h', w')``, positive ints (static).
+      method: ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (static).
+
+    Returns:
+      ``(..., h', w')`` maps.
 
     >>> resize(jnp.array([[0.0, 1.0]]), (1, 4)).tolist()
     [[0.0, 0.25, 0.75, 1.0]]
+
+    References: SeeDiff code ``F.interpolate(..., "bilinear")`` / ``cv2.resize(INTER_CUBIC)``
+    (methods.md 2.2); Dataset Diffusion ``gen_data.py`` bicubic (methods.md 4.3).
     """
     if method not in _JAX_METHOD:
         raise ValueError(f"method must be one of {sorted(_JAX_METHOD)}, got {method!r}")
+    if (
+        len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+        or min(size) < 1
+    ):
+        raise ValueError(f"size must be two positive ints (h, w), got {size!r}")
     if m.ndim < 2:
-        raise ValueError(f"resize needs (..., h, w), got shape {m.shape}")
-    if tuple(m.shape[-2:]) == tuple(size):
+        raise ValueError(f"resize needs shape (..., h, w), got {m.shape}")
+    size = (int(size[0]), int(size[1]))
+    if tuple(m.shape[-2:]) == size:
         return m
-    return jax.image.resize(m, m.shape[:-2] + tuple(size), _JAX_METHOD[method], antialias=False)
+    return jax.image.resize(m, m.shape[:-2] + size, _JAX_METHOD[method], antialias=False)
+
+
+# --- PAMR ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class PAMRConfig:
-    """PAMR settings (Araslanov & Roth, CVPR 2020).
+    """PAMR settings (Araslanov & Roth, CVPR 2020); static under ``jit``.
 
     Attributes:
-      dilations: neighbourhood dilations; 8 neighbours each.
+      dilations: neighbourhood dilations ``d``; each contributes the 8 neighbours at offset
+        ``d`` (``P = 8 * len(dilations)`` neighbours in all).
       num_iter: propagation iterations.
-      sigma_scale: the affinity is ``-|x_i - x_j| / (1e-8 + sigma_scale * std_i)``; 0.1 in
-        the reference, 0.2 in SeeDiff's copy.
+      sigma_scale: ``s`` in the affinity ``-|x_i - x_j| / (1e-8 + s * std_i)``.
+
+    .. warning::
+       The reference uses ``s = 0.1`` (``PAMR_DEFAULT``); SeeDiff's copy (``src/pamr.py``)
+       hard-codes 0.2 and runs dilation 1 for thousands of iterations (``PAMR_SEEDIFF``).
     """
 
     dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
@@ -47,73 +89,154 @@ class PAMRConfig:
     sigma_scale: float = 0.1
 
     def __post_init__(self):
-        if not self.dilations or min(self.dilations) < 1:
-            raise ValueError(f"dilations must be positive integers, got {self.dilations}")
-        if self.num_iter < 0:
-            raise ValueError(f"num_iter must be >= 0, got {self.num_iter}")
-        if self.sigma_scale <= 0:
-            raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale}")
+        dilations = tuple(self.dilations)
+        if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
+            raise ValueError(
+                f"dilations must be a non-empty tuple of ints >= 1, got {self.dilations!r}"
+            )
+        object.__setattr__(self, "dilations", dilations)  # a list would not hash under jit
+        if not isinstance(self.num_iter, int) or self.num_iter < 0:
+            raise ValueError(f"num_iter must be an int >= 0, got {self.num_iter!r}")
+        if not self.sigma_scale > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale!r}")
 
 
-#: the reference defaults (1-stage-wseg ``core/config.py``: PAMR_KERNEL, PAMR_ITER)
+#: the reference's training settings (1-stage-wseg ``core/config.py``: PAMR_KERNEL, PAMR_ITER)
 PAMR_DEFAULT = PAMRConfig()
-#: SeeDiff demo's regime (``src/pamr.py``: dilation 1, 5000 iterations, 0.2 sigma)
+#: SeeDiff demo's regime (``src/pamr.py`` with 0.2 sigma; dilation 1; 5000 iterations)
 PAMR_SEEDIFF = PAMRConfig(dilations=(1,), num_iter=5000, sigma_scale=0.2)
 
+# the reference's 8 shift kernels, in its order (row, column offsets in units of d)
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _neighbours(x: Float[Array, "c h w"], dilations) -> Float[Array, "p c h w"]:
-    """The 8 neighbours at every dilation, replicate padding (``LocalAffinity`` shifts)."""
+def _shifts(x: Float[Array, "c h w"], dilations: tuple[int, ...]) -> list[Float[Array, "c h w"]]:
+    """``x`` at the 8 offsets of every dilation, replicate padding (the reference's shift
+    kernels on ``F.pad(x, [d] * 4, mode="replicate")``): ``P = 8 * len(dilations)`` arrays."""
     h, w = x.shape[-2:]
     pad = max(dilations)
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
-    out = []
-    for d in dilations:
-        for dy, dx in _OFFSETS:
-            out.append(jax.lax.dynamic_slice_in_dim(
-                jax.lax.dynamic_slice_in_dim(xp, pad + dy * d, h, axis=1), pad + dx * d, w, axis=2))
-    return jnp.stack(out)
+    return [
+        xp[:, pad + dy * d : pad + dy * d + h, pad + dx * d : pad + dx * d + w]
+        for d in dilations
+        for dy, dx in _OFFSETS
+    ]
 
 
-def pamr_affinity(image: Float[Array, "h w 3"], cfg: PAMRConfig = PAMR_DEFAULT) -> Float[Array, "p h w"]:
-    """Softmax weights over the ``p = 8 * len(dilations)`` neighbours of each pixel.
+# Sums over the P neighbours are written as chains of adds, not ``jnp.sum(stack(...) * w, 0)``:
+# XLA fuses the chain into one pass without materialising P copies (25x faster on the CPU), and
+# jaxlib 0.10.2's CPU reduce fusion miscomputes that stack-multiply-reduce pattern on images
+# of 160 px and more with several channels (jax-ml/jax#39103; ``--xla_cpu_experimental_ynn_fusion_type=``).
 
-    ``a_p = mean_c( -|x_i - x_{i+p}| / (1e-8 + s * std_i) )``, softmax over p, where ``std_i`` is
-    the unbiased std per channel of the 9 samples (centre included) at every dilation
-    (reference ``LocalAffinityAbs``, ``LocalStDev``).
+
+def pamr_affinity(
+    image: Float[Array, "h w 3"], cfg: PAMRConfig = PAMR_DEFAULT
+) -> Float[Array, "p h w"]:
+    """PAMR's kernel: softmax weights over the ``P = 8 * len(dilations)`` neighbours.
+
+    For pixel ``i``, neighbour ``p`` and colour channel ``ch`` (Araslanov & Roth Eq. 5)::
+
+        a_ip = mean_ch( -|x_i,ch - x_{i+p},ch| / (1e-8 + s * std_i,ch) ),   w_ip = softmax_p(a_ip)
+
+    where ``std_i,ch`` is the unbiased std of the ``9 * D`` samples of the neighbourhood
+    (the 3x3 at every dilation, centre included once per dilation; ``LocalStDev``) and
+    replicate padding gives border pixels their edge's values.
+
+    Args:
+      image: ``(h, w, 3)`` image; RGB in [0, 1] as in the reference (the affinity is unchanged
+        by scaling the image, up to the 1e-8).
+      cfg: dilations and ``s = cfg.sigma_scale`` (static).
+
+    Returns:
+      ``(p, h, w)`` weights, non-negative, summing to 1 over ``p``.
+
+    Example: on a flat image every std is 0, every ``a`` is 0, and every weight is
+    ``1 / P``: ``pamr_affinity(jnp.zeros((2, 2, 3)), PAMRConfig(dilations=(1,)))`` is 1/8
+    everywhere.
+
+    References: ``visinf/1-stage-wseg`` ``models/mods/pamr.py``: ``LocalAffinityAbs``,
+    ``LocalStDev``, ``PAMR.forward`` (methods.md 6).
     """
-    x = jnp.moveaxis(image.astype(jnp.float32), -1, 0)  # (c, h, w)
-    nb = _neighbours(x, cfg.dilations)  # (p, c, h, w)
-    samples = jnp.concatenate([nb, jnp.broadcast_to(x, (len(cfg.dilations),) + x.shape)])
-    std = jnp.std(samples, axis=0, ddof=1)  # 9*D samples per channel
-    aff = -jnp.abs(nb - x[None]) / (1e-8 + cfg.sigma_scale * std[None])
-    return jax.nn.softmax(jnp.mean(aff, axis=1), axis=0)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must have shape (h, w, 3), got {image.shape}")
+    x = jnp.moveaxis(image.astype(jnp.float32), -1, 0)  # (3, h, w)
+    neighbours = _shifts(x, cfg.dilations)
+    samples = neighbours + [x] * len(cfg.dilations)  # 9 * D per pixel and channel
+    mean = _add(samples) / len(samples)
+    var = _add([(s - mean) ** 2 for s in samples]) / (len(samples) - 1)
+    scale = 1e-8 + cfg.sigma_scale * jnp.sqrt(var)  # (3, h, w)
+    aff = jnp.stack([-_add(list(jnp.abs(x - n) / scale)) / 3 for n in neighbours])  # mean over ch
+    return jax.nn.softmax(aff, axis=0)
+
+
+def _add(terms: list[Array]) -> Array:
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def pamr_propagate(
+    weights: Float[Array, "p h w"],
+    masks: Float[Array, "c h w"],
+    dilations: tuple[int, ...],
+    num_iter: int,
+) -> Float[Array, "c h w"]:
+    """``num_iter`` times ``m_i <- sum_p w_ip * m_{i+p}`` (``lax.fori_loop``).
+
+    ``weights`` come from ``pamr_affinity`` with the same ``dilations`` (static).
+    """
+    if masks.ndim != 3 or weights.shape != (8 * len(dilations),) + masks.shape[1:]:
+        raise ValueError(
+            f"weights must have shape ({8 * len(dilations)}, h, w) for {len(dilations)} dilations "
+            f"and masks (c, h, w) with the same h, w; got {weights.shape} and {masks.shape}"
+        )
+
+    def step(_, m):
+        return _add([weights[p] * n for p, n in enumerate(_shifts(m, dilations))])
+
+    return jax.lax.fori_loop(0, num_iter, step, masks.astype(jnp.float32))
 
 
 def pamr(
     image: Float[Array, "h w 3"], masks: Float[Array, "c h w"], cfg: PAMRConfig = PAMR_DEFAULT
 ) -> Float[Array, "c h w"]:
-    """Pixel-adaptive mask refinement: ``m_i <- sum_p k_ip m_{i+p}``, ``num_iter`` times.
+    """Pixel-adaptive mask refinement: ``pamr_affinity`` once, then ``pamr_propagate``.
 
-    Every output is a convex combination of its neighbours' values, so a constant mask stays
-    constant and masks that sum to 1 over classes still do.
+    Each iteration replaces every mask value by a convex combination of its ``P`` neighbours'
+    values, weighted by colour similarity; so a constant mask stays constant, every output lies
+    within its neighbourhood's range, and masks that sum to 1 over ``c`` still do.
+
+    .. warning::
+       The reference first resizes ``masks`` to the image (bilinear, ``align_corners=True``);
+       here they must already match (SeeDiff's copy also drops that resize). Resize with
+       :func:`resize` first.
 
     Args:
-      image: RGB in [0, 1] at the masks' size.
-      masks: soft masks per class (background included, as in the reference).
+      image: ``(h, w, 3)`` RGB in [0, 1] at the masks' size.
+      masks: ``(c, h, w)`` soft masks, one per class (background included, as the reference's
+        softmax scores are).
+      cfg: a ``PAMRConfig``, e.g. ``PAMR_DEFAULT`` or ``PAMR_SEEDIFF`` (static).
 
-    References: Araslanov & Roth, "Single-Stage Semantic Segmentation from Image Labels",
-    CVPR 2020, Sec. 3.3; ``visinf/1-stage-wseg`` ``models/mods/pamr.py`` (methods.md 6); SeeDiff
-    supplementary Eq. S1-S2.
+    Returns:
+      ``(c, h, w)`` refined soft masks, float32.
+
+    Example (flat image, dilation 1, one iteration: each value becomes the mean of its 8
+    neighbours, borders replicated)::
+
+        >>> m = jnp.array([[[1.0, 0.0], [0.0, 0.0]]])
+        >>> pamr(jnp.zeros((2, 2, 3)), m, PAMRConfig(dilations=(1,), num_iter=1)).tolist()
+        [[[0.375, 0.25], [0.25, 0.125]]]
+
+    References: N. Araslanov and S. Roth, "Single-Stage Semantic Segmentation from Image
+    Labels", CVPR 2020, Sec. 3.3; ``visinf/1-stage-wseg`` ``models/mods/pamr.py``
+    (methods.md 6); SeeDiff ``src/pamr.py``.
     """
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape (h, w, 3), got {image.shape}")
-    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
-        raise ValueError(f"masks must have shape (c, {image.shape[0]}, {image.shape[1]}), got {masks.shape}")
-    weights = pamr_affinity(image, cfg)[:, None]  # (p, 1, h, w)
-
-    def step(_, m):
-        return jnp.sum(weights * _neighbours(m, cfg.dilations), axis=0)
-
-    return jax.lax.fori_loop(0, cfg.num_iter, step, masks.astype(jnp.float32))
+    h, w = image.shape[:2]
+    if masks.ndim != 3 or masks.shape[1:] != (h, w):
+        raise ValueError(
+            f"masks must have shape (c, {h}, {w}) to match the image, got {masks.shape}"
+        )
+    return pamr_propagate(pamr_affinity(image, cfg), masks, cfg.dilations, cfg.num_iter)

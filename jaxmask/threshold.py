@@ -5,7 +5,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _histogram(x: Float[Array, " m"], nbins: int) -> tuple[Int[Array, " nbins"], Float[Array, " nbins"]]:
+def _histogram(
+    x: Float[Array, " m"], nbins: int
+) -> tuple[Int[Array, " nbins"], Float[Array, " nbins"]]:
     """``np.histogram(x, nbins)`` (range ``[min, max]``): counts and bin centres, float32.
 
     The edges are ``np.linspace(lo, hi, nbins + 1)`` computed as numpy does (``i * step + lo``,
@@ -34,7 +36,9 @@ def _histogram(x: Float[Array, " m"], nbins: int) -> tuple[Int[Array, " nbins"],
     return counts, centres
 
 
-def _sequential_cumsums(p: Float[Array, " nbins"]) -> tuple[Float[Array, " nbins"], Float[Array, " nbins"]]:
+def _sequential_cumsums(
+    p: Float[Array, " nbins"],
+) -> tuple[Float[Array, " nbins"], Float[Array, " nbins"]]:
     """``np.cumsum(p)`` and ``np.cumsum(p[::-1])[::-1]``, summed left to right as numpy does.
 
     ``jnp.cumsum`` sums in a backend-chosen order (a window reduction or a tree), which moves
