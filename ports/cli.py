@@ -74,7 +74,13 @@ def generate(
                             guidance=guidance, size=size, scheduler=scheduler,
                             negative_prompt=negative_prompt, seed=seed, dtype=dtype, format=format,
                             pamr=pamr, soft_masks=soft_masks)
-        cfg.method_config()  # validates the method and its parameters before loading a model
+        try:
+            cfg.method_config()  # validates the method and its parameters before loading a model
+        except TypeError as err:  # e.g. beta=abc: a string where the method wants a number
+            raise ValueError(
+                f"method {method!r}: a --param value has the wrong type ({err}); give numbers "
+                f"as numbers, e.g. beta=0.5 (got {', '.join(param)})"
+            ) from err
         if format not in ("voc", "webdataset"):
             raise ValueError(f"unknown format {format!r}; use voc or webdataset")
     except ValueError as err:

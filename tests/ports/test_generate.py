@@ -1,0 +1,441 @@
+"""End-to-end tests of ``jaxmask generate`` and ``jaxmask preview`` on a tiny SD checkpoint.
+
+Real ``python -m ports.cli`` subprocesses where a real process matters (SIGKILL mid-run, two
+processes under jax.distributed, and the reference run they are compared with); typer's CliRunner
+in this process elsewhere. One reference dataset (VOC, batch size 2) is made once per module.
+
+The tiny model attends at sides (8, 16) at its native 64 px, so SeeDiff needs
+``seed_resolution=8`` (its default wants finest / 4).
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ports.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ("cat", "dog")
+PER_CLASS = 3
+TOTAL = PER_CLASS * len(CLASSES)
+IDS = [f"{i:08d}" for i in range(TOTAL)]
+SIDE = 64  # the tiny model's native size
+RUN_TIMEOUT = 240
+# In this process tests/conftest.py simulates 4 CPU devices, and a run splits each batch over the
+# host's devices: runs made here use a batch size they divide. Subprocesses get one device.
+IN_PROCESS_BATCH = 4
+
+
+def generate_args(out, model, *extra, batch_size=2):
+    return [
+        "generate",
+        "--out",
+        str(out),
+        "--classes",
+        ",".join(CLASSES),
+        "-n",
+        str(PER_CLASS),
+        "--model",
+        str(model),
+        "--steps",
+        "3",
+        "--batch-size",
+        str(batch_size),
+        "--param",
+        "seed_resolution=8",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's subprocesses: only the first one
+    compiles the sampler (a cached executable gives the same results as a fresh compile)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def cli_process(args, cache):
+    """``python -m ports.cli ARGS`` as a real process, on one CPU device."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": "",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "ports.cli", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def finish(process) -> str:
+    try:
+        output = process.communicate(timeout=RUN_TIMEOUT)[0].decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    return output
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def invoke(*args):
+    """The CLI in this process; returns (exit code, stdout + stderr)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def label_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def rgb_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def records(folder) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text().splitlines()]
+
+
+def expected_class(index: int) -> str:
+    return CLASSES[index % len(CLASSES)]  # the plan's rule: class i % K, one template
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_path, tmp_path_factory, jax_cache):
+    """An uninterrupted one-process run, batch size 2: (folder, its files)."""
+    out = tmp_path_factory.mktemp("generate") / "reference"
+    output = finish(cli_process(generate_args(out, tiny_sd_path), jax_cache))
+    assert f"{TOTAL} generated" in output, output
+    return out, snapshot(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. what a run writes
+
+
+def test_run_writes_a_voc_dataset_with_a_manifest(reference, tiny_sd_path):
+    from transformers import CLIPTokenizer
+
+    out, files = reference
+    jpegs = sorted(p for p in files if p.startswith("JPEGImages/"))
+    pngs = sorted(p for p in files if p.startswith("SegmentationClass/"))
+    assert jpegs == [f"JPEGImages/{i}.jpg" for i in IDS]
+    assert pngs == [f"SegmentationClass/{i}.png" for i in IDS]
+    assert files["ImageSets/Segmentation/train.txt"].decode().split() == IDS
+    id2label = json.loads(files["id2label.json"])
+    assert id2label == {"0": "background", **{str(i + 1): c for i, c in enumerate(CLASSES)}}
+    assert not [p for p in files if p.startswith("manifest-") or p.endswith(".jaxmask-tmp")]
+
+    # label PNGs: palette images in PASCAL VOC colours, values {0, the item's class id, 255}
+    seen = set()
+    for index, name in enumerate(IDS):
+        image = Image.open(io.BytesIO(files[f"JPEGImages/{name}.jpg"]))
+        assert image.format == "JPEG" and image.mode == "RGB" and image.size == (SIDE, SIDE)
+        label = Image.open(io.BytesIO(files[f"SegmentationClass/{name}.png"]))
+        assert label.format == "PNG" and label.mode == "P" and label.size == (SIDE, SIDE)
+        palette = np.asarray(label.getpalette(), np.uint8).reshape(-1, 3)
+        # VOC colours: 0 black, 1 (cat here) dark red, 2 (dog) dark green, 255 the ignore colour
+        assert palette[0].tolist() == [0, 0, 0]
+        assert palette[1].tolist() == [128, 0, 0] and palette[2].tolist() == [0, 128, 0]
+        if len(palette) > 255:
+            assert palette[255].tolist() == [224, 224, 192]
+        values = set(np.unique(np.asarray(label)).tolist())
+        own = CLASSES.index(expected_class(index)) + 1
+        assert values <= {0, own, 255}, (name, values)
+        seen |= values
+    assert {1, 2} <= seen  # every class has foreground somewhere
+
+    # the manifest: one line per item, in order, describing how it was made
+    tokenizer = CLIPTokenizer.from_pretrained(Path(tiny_sd_path) / "tokenizer")
+    run_config = json.loads(files["jaxmask_run.json"])
+    lines = records(out)
+    assert [r["global_index"] for r in lines] == list(range(TOTAL))
+    assert [r["id"] for r in lines] == IDS
+    fingerprints = set()
+    for record in lines:
+        index, name = record["global_index"], record["id"]
+        cls = expected_class(index)
+        assert record["prompt"] == f"a photo of a {cls}"
+        assert record["negative_prompt"] == ""
+        (entry,) = record["classes"]
+        assert entry["id"] == CLASSES.index(cls) + 1 and entry["name"] == cls
+        prompt_ids = tokenizer(record["prompt"]).input_ids  # BOS ... EOS
+        word_ids = tokenizer(cls, add_special_tokens=False).input_ids
+        positions = entry["token_positions"]
+        assert positions == list(range(positions[0], positions[0] + len(word_ids)))
+        assert [prompt_ids[p] for p in positions] == word_ids
+        assert record["seed"]["value"] == 0
+        assert "fold_in" in record["seed"]["rule"] and "global_index" in record["seed"]["rule"]
+        assert record["method"]["name"] == "seediff-code"
+        assert record["method"]["params"]["seed_resolution"] == 8
+        assert {"alpha", "beta"} <= set(record["method"]["params"])  # the defaults, written out
+        assert record["model"]["id"] == str(tiny_sd_path)
+        assert record["model"]["fingerprint"].startswith("sha256:")
+        fingerprints.add(record["model"]["fingerprint"])
+        assert record["model"] == run_config["model"]
+        assert record["steps"] == 3 and record["scheduler"] == "ddim" and record["guidance"] == 7.5
+        assert record["size"] == [SIDE, SIDE] and record["dtype"] == "float32"
+        # mask stats and file hashes agree with the files
+        labels = label_array(files[f"SegmentationClass/{name}.png"])
+        for cid, fraction in record["mask_stats"]["fraction"].items():
+            assert fraction == pytest.approx(np.mean(labels == int(cid)), abs=1e-6)
+        assert record["mask_stats"]["ignore"] == pytest.approx(np.mean(labels == 255), abs=1e-6)
+        for entry in record["files"].values():
+            data = files[entry["path"]]
+            assert entry["bytes"] == len(data)
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(fingerprints) == 1
+    assert run_config["plan"]["classes"] == list(CLASSES)
+    assert run_config["method"]["params"] == {"seed_resolution": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. crash safety
+
+
+def test_sigkill_mid_run_then_rerun_is_byte_identical(reference, tiny_sd_path, tmp_path, jax_cache):
+    out = tmp_path / "killed"
+    manifest = out / "manifest-00000.jsonl"
+
+    def lines() -> int:
+        try:
+            return manifest.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    process = cli_process(generate_args(out, tiny_sd_path), jax_cache)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while lines() < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    output = process.communicate(timeout=60)[0].decode(errors="replace")
+    assert process.returncode == -signal.SIGKILL, output  # killed, not finished
+    done = lines()  # complete lines; a line is written after its item's files
+    assert 0 < done < TOTAL and not (out / "manifest.jsonl").exists()
+
+    output = finish(cli_process(generate_args(out, tiny_sd_path), jax_cache))
+    counts = re.search(r"(\d+) generated, (\d+) already there, (\d+) in", output)
+    assert counts, output
+    assert [int(c) for c in counts.groups()] == [TOTAL - done, done, TOTAL], output
+    assert snapshot(out) == reference[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. determinism across processes and batch sizes
+
+
+def test_two_processes_make_the_same_dataset_as_one(reference, tiny_sd_path, tmp_path, jax_cache):
+    out = tmp_path / "two"
+    port = free_port()
+    processes = [
+        cli_process(
+            generate_args(
+                out,
+                tiny_sd_path,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(p),
+            ),
+            jax_cache,
+        )
+        for p in range(2)
+    ]
+    try:
+        outputs = [finish(p) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert f"{TOTAL} in" in outputs[0], outputs  # process 0 reports the whole dataset
+    assert "generated" not in outputs[1], outputs  # process 1 knew it was not process 0
+    assert snapshot(out) == reference[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. WebDataset shards (run with batch size 4: compared with the batch-2 reference)
+
+
+def test_webdataset_shards_pair_image_label_record(reference, tiny_sd_path, tmp_path):
+    """Shards hold <id>.jpg/.png/.json per item. Across batch sizes (4 here, 2 in the reference)
+    label maps are identical and images differ by float rounding only (a few grey levels after
+    JPEG), so images are not compared byte for byte."""
+    ref_out, ref_files = reference
+    out = tmp_path / "wds"
+    code, output = invoke(
+        *generate_args(out, tiny_sd_path, "--format", "webdataset", batch_size=IN_PROCESS_BATCH)
+    )
+    assert code == 0, output
+    shards = sorted(out.glob("*.tar"))
+    assert shards and all(s.name.startswith("shard-00000-") for s in shards)
+    assert not (out / "JPEGImages").exists() and not list(out.glob("manifest-*"))
+    lines = records(out)
+    assert [r["id"] for r in lines] == IDS
+    manifest_lines = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+
+    members: dict[str, dict[str, bytes]] = {}
+    shard_of: dict[str, str] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                assert member.isfile()
+                stem, ext = member.name.split(".", 1)
+                assert ext not in members.setdefault(stem, {}), member.name
+                members[stem][ext] = tar.extractfile(member).read()
+                shard_of[stem] = shard.name
+    assert sorted(members) == IDS
+    ref_records = {r["id"]: r for r in records(ref_out)}
+    for n, name in enumerate(IDS):
+        item = members[name]
+        assert set(item) == {"jpg", "png", "json"}, (name, sorted(item))
+        record = json.loads(item["json"])
+        assert item["json"] == manifest_lines[n]  # the member is the manifest line
+        assert record["shard"] == shard_of[name] and record["global_index"] == n
+        assert record["prompt"] == ref_records[name]["prompt"]
+        assert record["classes"] == ref_records[name]["classes"]
+        assert record["mask_stats"] == ref_records[name]["mask_stats"]
+        for entry in record["files"].values():
+            assert (
+                entry["sha256"] == hashlib.sha256(item[entry["path"].rsplit(".", 1)[1]]).hexdigest()
+            )
+        labels = label_array(item["png"])
+        np.testing.assert_array_equal(
+            labels, label_array(ref_files[f"SegmentationClass/{name}.png"])
+        )
+        image, ref_image = rgb_array(item["jpg"]), rgb_array(ref_files[f"JPEGImages/{name}.jpg"])
+        assert image.shape == (SIDE, SIDE, 3)
+        assert np.abs(image - ref_image).max() <= 4, name
+        assert np.abs(image - ref_image).mean() < 0.5, name
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. preview
+
+
+def test_preview_writes_a_contact_sheet(reference, tmp_path):
+    out, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    code, output = invoke("preview", copy, "--count", "2")
+    assert code == 0, output
+    sheet = Image.open(io.BytesIO((copy / "preview.png").read_bytes()))
+    assert sheet.format == "PNG"
+    code, output = invoke("preview", copy, "--out", tmp_path / "all.png", "--count", str(TOTAL))
+    assert code == 0, output
+    full = rgb_array((tmp_path / "all.png").read_bytes())
+    assert full.shape[0] > sheet.size[1]  # more rows for more items
+    colours = {tuple(c) for c in full.reshape(-1, 3).tolist()}
+    assert (128, 0, 0) in colours and (0, 128, 0) in colours  # both classes' label colours
+
+    empty = tmp_path / "not-a-dataset"
+    empty.mkdir()
+    code, output = invoke("preview", empty)
+    assert code == 2 and "manifest" in output, output
+    assert not any(empty.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. bad input: exit code 2, a message that says what to do, nothing written
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "a photo of a kitten", "classes": ["cat"]}) + "\n")
+    return path
+
+
+BAD_INPUTS = {
+    # name: (arguments replacing / added to the good ones, words the message must hold)
+    "coco preset": (["--classes", "coco"], ["preset", "voc"]),
+    "template without {class}": (["--template", "a photo"], ["{class}", "e.g."]),
+    "zero per class": (["-n", "0"], ["at least 1"]),
+    "unknown method": (["--method", "maskclip"], ["seediff-code", "ca"]),
+    "param without =": (["--param", "beta"], ["NAME=VALUE"]),
+    "unknown param": (["--param", "gamma=1"], ["gamma", "beta"]),
+    "param of the wrong type": (["--param", "beta=abc"], ["beta=abc", "e.g. beta=0.5"]),
+    "param the model cannot take": (["--param", "seed_resolution=32"], ["32", "16"]),
+    "size the UNet cannot take": (["--size", "50"], ["multiple of", "64"]),
+    "no model": (["--model", None], ["pass", "model"]),
+    "prompt without its class word": (["--prompts", "PROMPTS"], ["kitten", "cat"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_and_writes_nothing(case, tiny_sd_path, prompt_file, tmp_path):
+    changes, words = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    args = generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH)
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag in args and flag != "--param":
+            at = args.index(flag)
+            del args[at : at + 2]
+        if value is not None:
+            args += [flag, str(prompt_file) if value == "PROMPTS" else value]
+    code, output = invoke(*args)
+    assert code == 2, output
+    assert "error:" in output and "Traceback" not in output, output
+    for word in words:
+        assert word in output, (word, output)
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+def test_folder_made_with_another_config_is_refused(reference, tiny_sd_path):
+    out, files = reference
+    code, output = invoke(
+        *generate_args(out, tiny_sd_path, "--guidance", "3", batch_size=IN_PROCESS_BATCH)
+    )
+    assert code == 2, output
+    assert "--overwrite" in output and "guidance" in output, output
+    assert snapshot(out) == files
+
+
+def test_output_under_a_regular_file_is_refused(tiny_sd_path, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    code, output = invoke(*generate_args(blocker / "ds", tiny_sd_path, batch_size=IN_PROCESS_BATCH))
+    assert code == 2, output
+    assert str(blocker) in output and "Traceback" not in output, output
+    assert blocker.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [blocker]
