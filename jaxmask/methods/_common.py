@@ -20,7 +20,8 @@ def side(resolutions, divisor: int, what: str) -> int:
     if r not in resolutions:
         raise ValueError(
             f"{what} needs attention at side {r} (= finest {finest(resolutions)} / {divisor}); "
-            f"the model has {sorted(resolutions)}. Set the method's resolution explicitly."
+            f"the model has {sorted(resolutions)}. Set the method's resolution explicitly "
+            "(e.g. seed_resolution=..., or --param seed_resolution=... on the command line)."
         )
     return r
 
