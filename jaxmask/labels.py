@@ -78,14 +78,14 @@ def label_map(
     [[1, 255, 0]]
     """
     if not isinstance(fg_threshold, (int, float)) or not 0.0 <= fg_threshold <= 1.0:
-        raise ValueError(f"fg_threshold must be a number in [0, 1], got {fg_threshold!r}")
+        raise ValueError(f"fg_threshold must lie in [0, 1], got {fg_threshold!r}")
     if ignore_threshold is not None and (
         not isinstance(ignore_threshold, (int, float))
         or not 0.0 <= ignore_threshold <= fg_threshold
     ):
         raise ValueError(
-            f"ignore_threshold must be a number in [0, fg_threshold={fg_threshold}] or None "
-            f"(None for no ignore band), got {ignore_threshold!r}"
+            f"ignore_threshold must lie in [0, fg_threshold={fg_threshold}], or be None for no "
+            f"ignore band; got {ignore_threshold!r}"
         )
     if soft_masks.ndim != 3:
         raise ValueError(f"soft_masks must have shape (k, h, w), got {soft_masks.shape}")

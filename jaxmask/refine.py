@@ -92,7 +92,7 @@ class PAMRConfig:
         dilations = tuple(self.dilations)
         if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
             raise ValueError(
-                f"dilations must be a non-empty tuple of ints >= 1, got {self.dilations!r}"
+                f"dilations must be positive ints, a non-empty tuple, got {self.dilations!r}"
             )
         object.__setattr__(self, "dilations", dilations)  # a list would not hash under jit
         if not isinstance(self.num_iter, int) or self.num_iter < 0:

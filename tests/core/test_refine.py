@@ -313,9 +313,9 @@ def test_presets():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="dilations must be a non-empty tuple of ints >= 1"):
+    with pytest.raises(ValueError, match="dilations must be positive ints, a non-empty tuple"):
         PAMRConfig(dilations=())
-    with pytest.raises(ValueError, match="dilations must be a non-empty tuple of ints >= 1"):
+    with pytest.raises(ValueError, match="dilations must be positive ints, a non-empty tuple"):
         PAMRConfig(dilations=(1, 0))
     with pytest.raises(ValueError, match="num_iter must be an int >= 0"):
         PAMRConfig(num_iter=-1)
