@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxmask.labels import VOC_PALETTE as _CORE_PALETTE
 from ports.scale.hosts import owner
 from ports.store import atomic, manifest
 
@@ -39,25 +40,8 @@ ID2LABEL = "id2label.json"
 IGNORE_INDEX = 255
 
 
-def _voc_palette() -> np.ndarray:
-    """The PASCAL VOC colour map: bits 0, 1, 2 of the index go, from the most significant bit
-    down, to red, green and blue (index 1 = (128, 0, 0), 2 = (0, 128, 0), 255 = (224, 224, 192))."""
-    index = np.arange(256)
-    palette = np.zeros((256, 3), np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (index >> (3 * shift + channel)) & 1
-            palette[:, channel] |= bit << (7 - shift)
-    return palette.astype(np.uint8)
-
-
-try:  # the core's copy, once jaxmask.labels has one
-    from jaxmask.labels import VOC_PALETTE as _CORE_PALETTE
-except ImportError:
-    _CORE_PALETTE = None
-
-#: (256, 3) uint8: the colour of each label value in the PNGs.
-VOC_PALETTE = _voc_palette() if _CORE_PALETTE is None else np.asarray(_CORE_PALETTE, np.uint8)
+#: (256, 3) uint8: the colour of each label value in the PNGs (the core's VOC palette).
+VOC_PALETTE = np.asarray(_CORE_PALETTE, np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
