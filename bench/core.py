@@ -32,7 +32,9 @@ def random_maps(key, spec, batch: int, tokens: int = 77, layers: int = 5) -> Att
     for i, r in enumerate(spec.self_attn):
         k = jax.random.fold_in(key, 100 + i)
         self_attn[r] = jax.nn.softmax(4 * jax.random.normal(k, (batch, r * r, r * r)), axis=-1)
-    return AttentionMaps(cross=cross, self_attn=self_attn, self_layers=spec.self_layers, resolutions=SD_SIDES)
+    return AttentionMaps(
+        cross=cross, self_attn=self_attn, self_layers=spec.self_layers, resolutions=SD_SIDES
+    )
 
 
 def time_call(f, *args, repeats: int) -> tuple[float, float]:
@@ -58,24 +60,36 @@ def main() -> None:
     key = jax.random.key(0)
     weights = jax.nn.one_hot(jnp.arange(args.classes) + 1, 77, dtype=jnp.float32)
     images = jax.random.uniform(key, (args.batch, args.size, args.size, 3))
-    f = jax.jit(jax.vmap(jaxmask.extract_masks, in_axes=(0, None, 0, None, None)), static_argnums=(3, 4))
+    f = jax.jit(
+        jax.vmap(jaxmask.extract_masks, in_axes=(0, None, 0, None, None)), static_argnums=(3, 4)
+    )
     rows = []
     for name in args.methods.split(","):
         cfg = methods.get(name)
         maps = random_maps(key, cfg.capture_spec(SD_SIDES), args.batch)
         for pamr in (None,) if args.no_pamr else (None, PAMR_DEFAULT):
             compile_s, step_s = time_call(f, maps, weights, images, cfg, pamr, repeats=args.repeats)
-            rows.append({
-                "method": name, "pamr": pamr is not None, "batch": args.batch, "size": args.size,
-                "classes": args.classes, "ms_per_image": 1e3 * step_s / args.batch,
-                "compile_s": compile_s,
-            })
-    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
+            rows.append(
+                {
+                    "method": name,
+                    "pamr": pamr is not None,
+                    "batch": args.batch,
+                    "size": args.size,
+                    "classes": args.classes,
+                    "ms_per_image": 1e3 * step_s / args.batch,
+                    "compile_s": compile_s,
+                }
+            )
+    device = (
+        f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))"
+    )
     print(f"device: {device}; jax {jax.__version__}; {platform.processor() or platform.machine()}")
     print("| method | PAMR | batch | ms / image | compile s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {'yes' if r['pamr'] else 'no'} | {r['batch']} | {r['ms_per_image']:.1f} | {r['compile_s']:.1f} |")
+        print(
+            f"| {r['method']} | {'yes' if r['pamr'] else 'no'} | {r['batch']} | {r['ms_per_image']:.1f} | {r['compile_s']:.1f} |"
+        )
     print(json.dumps({"device": device, "jax": jax.__version__, "results": rows}))
 
 

@@ -1,6 +1,6 @@
 """Masks for a batch with jax.vmap: every item's maps through the same jitted function.
 
-    python examples/02_vmap_masks.py
+python examples/02_vmap_masks.py
 """
 
 import jax
@@ -26,6 +26,8 @@ soft, labels = extract(maps, weights, images, cfg)
 print("soft masks", soft.shape, soft.dtype, "| label maps", labels.shape, labels.dtype)
 
 truth = synthetic.region_labels(boxes, 256)
-conf = jax.vmap(metrics.confusion_matrix, in_axes=(None, 0, None))(truth, labels.astype(jnp.int32), 3).sum(0)
+conf = jax.vmap(metrics.confusion_matrix, in_axes=(None, 0, None))(
+    truth, labels.astype(jnp.int32), 3
+).sum(0)
 print("mIoU over the batch:", float(metrics.mean_iou(conf)))
 print("classes per item:", [sorted(np.unique(np.asarray(l)).tolist()) for l in labels])

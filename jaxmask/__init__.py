@@ -5,7 +5,7 @@ The core (this package) is pure: functions on ONE example's arrays, jit-able, ba
 ``ports.api`` (the one sanctioned edge from the core to the shell, see docs/architecture.md).
 """
 
-from jaxmask import labels, maps, methods, metrics, refine, synthetic, threshold, tokens
+from jaxmask import augment, labels, maps, methods, metrics, refine, synthetic, threshold, tokens
 from jaxmask.labels import VOC_PALETTE, colorize, label_map
 from jaxmask.maps import (
     AttentionMaps,
@@ -24,6 +24,50 @@ from jaxmask.threshold import threshold_otsu
 from jaxmask.tokens import class_token_weights, match_tokens, token_positions, weights_from_matches
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "augment",
+    "labels",
+    "maps",
+    "methods",
+    "metrics",
+    "refine",
+    "synthetic",
+    "threshold",
+    "tokens",
+    "VOC_PALETTE",
+    "colorize",
+    "label_map",
+    "AttentionMaps",
+    "CaptureSpec",
+    "class_cross",
+    "head_mean_probs",
+    "normalize_max",
+    "normalize_minmax",
+    "normalize_minmax_damped",
+    "check_maps",
+    "extract_masks",
+    "ca",
+    "ca_sa",
+    "seediff",
+    "confusion_matrix",
+    "iou",
+    "mean_iou",
+    "PAMR_DEFAULT",
+    "PAMR_SEEDIFF",
+    "PAMRConfig",
+    "pamr",
+    "resize",
+    "threshold_otsu",
+    "class_token_weights",
+    "match_tokens",
+    "token_positions",
+    "weights_from_matches",
+    "generate",
+    "load",
+    "Pipeline",
+    "GenerateResult",
+]
 
 _LAZY = ("generate", "load", "Pipeline", "GenerateResult")
 

@@ -51,7 +51,9 @@ class CaptureSpec:
             raise ValueError(f"step_norm must be 'none' or 'max', got {self.step_norm!r}")
         start, stop = self.step_window
         if not 0.0 <= start < stop <= 1.0:
-            raise ValueError(f"step_window must satisfy 0 <= start < stop <= 1, got {self.step_window}")
+            raise ValueError(
+                f"step_window must satisfy 0 <= start < stop <= 1, got {self.step_window}"
+            )
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
 
@@ -124,10 +126,14 @@ def validate(maps: AttentionMaps) -> AttentionMaps:
     """Check shapes at trace time: cross ``(l, r, r, t)`` and self ``(r*r, r*r)``."""
     for r, cross in maps.cross.items():
         if cross.ndim != 4 or cross.shape[1:3] != (r, r):
-            raise ValueError(f"cross map at r={r} must have shape (l, {r}, {r}, t), got {cross.shape}")
+            raise ValueError(
+                f"cross map at r={r} must have shape (l, {r}, {r}, t), got {cross.shape}"
+            )
     for r, sa in maps.self_attn.items():
         if sa.shape != (r * r, r * r):
-            raise ValueError(f"self map at r={r} must have shape ({r * r}, {r * r}), got {sa.shape}")
+            raise ValueError(
+                f"self map at r={r} must have shape ({r * r}, {r * r}), got {sa.shape}"
+            )
     return maps
 
 

@@ -43,7 +43,11 @@ def block_self_attention(labels: Int[Array, "r r"], leak: float = 0.05) -> Float
 
 
 def cross_attention(
-    labels: Int[Array, "r r"], num_classes: int, num_tokens: int, mode: str, key: jax.Array,
+    labels: Int[Array, "r r"],
+    num_classes: int,
+    num_tokens: int,
+    mode: str,
+    key: jax.Array,
     noise: float = 0.02,
 ) -> Float[Array, "r r t"]:
     """Cross-attention of one layer: token 0 is BOS, class ``c`` sits at token ``c + 1``."""

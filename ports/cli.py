@@ -35,13 +35,19 @@ def demo(
 @app.command()
 def generate(
     out: Path = typer.Option(..., "--out", "-o", help="dataset folder (created, or resumed)"),
-    classes: str = typer.Option("voc", help="'voc', 'cityscapes', 'cat,dog,...' or @file (one per line)"),
+    classes: str = typer.Option(
+        "voc", help="'voc', 'cityscapes', 'cat,dog,...' or @file (one per line)"
+    ),
     per_class: int = typer.Option(..., "--per-class", "-n", help="images per class"),
     template: list[str] = typer.Option([], help="prompt template with {class}; repeat for several"),
-    prompts: Path = typer.Option(None, help="JSONL of {\"prompt\": ..., \"classes\": [...]} (several classes per prompt)"),
+    prompts: Path = typer.Option(
+        None, help='JSONL of {"prompt": ..., "classes": [...]} (several classes per prompt)'
+    ),
     model: str = typer.Option(None, help="diffusers-format folder or hub id"),
     method: str = typer.Option("seediff-code", help="seediff-code, seediff-paper, ca or ca_sa"),
-    param: list[str] = typer.Option([], help="method parameter NAME=VALUE, e.g. beta=0.5; repeatable"),
+    param: list[str] = typer.Option(
+        [], help="method parameter NAME=VALUE, e.g. beta=0.5; repeatable"
+    ),
     steps: int = typer.Option(50, min=1),
     guidance: float = typer.Option(7.5),
     size: int = typer.Option(None, help="image side in pixels (default: the model's)"),
@@ -53,8 +59,12 @@ def generate(
     format: str = typer.Option("voc", help="voc (folder) or webdataset (tar shards)"),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset made with another config"),
-    coordinator: str = typer.Option(None, help="multi-host: coordinator host:port (jax.distributed)"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a dataset made with another config"
+    ),
+    coordinator: str = typer.Option(
+        None, help="multi-host: coordinator host:port (jax.distributed)"
+    ),
     num_processes: int = typer.Option(None, help="multi-host: number of processes"),
     process_id: int = typer.Option(None, help="multi-host: this process's id"),
 ) -> None:
@@ -70,10 +80,22 @@ def generate(
     try:
         plan = plans.make_plan(classes, per_class, template, prompts)
         params = tuple((k, _parse_value(v)) for k, v in (_split_param(p) for p in param))
-        cfg = gen.RunConfig(plan=plan, model=model, method=method, method_params=params, steps=steps,
-                            guidance=guidance, size=size, scheduler=scheduler,
-                            negative_prompt=negative_prompt, seed=seed, dtype=dtype, format=format,
-                            pamr=pamr, soft_masks=soft_masks)
+        cfg = gen.RunConfig(
+            plan=plan,
+            model=model,
+            method=method,
+            method_params=params,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            scheduler=scheduler,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            dtype=dtype,
+            format=format,
+            pamr=pamr,
+            soft_masks=soft_masks,
+        )
         try:
             cfg.method_config()  # validates the method and its parameters before loading a model
         except TypeError as err:  # e.g. beta=abc: a string where the method wants a number
@@ -97,12 +119,16 @@ def generate(
             bar.update(task, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
 
         try:
-            result = gen.run(cfg, out, batch_size=batch_size, overwrite=overwrite, on_batch=on_batch)
+            result = gen.run(
+                cfg, out, batch_size=batch_size, overwrite=overwrite, on_batch=on_batch
+            )
         except (ValueError, OSError) as err:
             _fail(err)
     if jax.process_index() == 0:
-        typer.echo(f"{result.written} generated, {result.resumed} already there, "
-                   f"{result.total} in {result.out} ({result.seconds:.1f} s)")
+        typer.echo(
+            f"{result.written} generated, {result.resumed} already there, "
+            f"{result.total} in {result.out} ({result.seconds:.1f} s)"
+        )
 
 
 @app.command()
@@ -147,11 +173,21 @@ def _fail(err: Exception) -> None:
 
 def _progress(total: int, description: str, disable: bool = False):
     """A rich progress bar with images/s and ETA (process 0 only shows it)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
-        TextColumn(description), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=disable,
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=disable,
     )
 
 
@@ -162,11 +198,15 @@ def augment(
     count: int = typer.Option(..., "--count", "-n", min=1, help="items to write"),
     seed: int = typer.Option(0, help="item i uses fold_in(key(seed), i)"),
     size: int = typer.Option(None, help="output side in pixels (default: the source's)"),
-    grids: str = typer.Option(None, help="mosaics, e.g. '1x2,2x2,3x3' (default DiffuMask's 1x2..8x8)"),
+    grids: str = typer.Option(
+        None, help="mosaics, e.g. '1x2,2x2,3x3' (default DiffuMask's 1x2..8x8)"
+    ),
     perspective: float = typer.Option(0.5, min=0, max=1, help="probability of a perspective warp"),
     occlusion: float = typer.Option(0.5, min=0, max=1, help="probability of an occluder"),
     noise: float = typer.Option(0.5, min=0, max=1, help="probability of Gaussian noise"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset made with other settings"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a dataset made with other settings"
+    ),
 ) -> None:
     """DiffuMask's augmentations (splicing mosaics, perspective, occlusion, noise) over an
     existing dataset, written as a new dataset; image and labels stay aligned. Resumable."""
@@ -180,8 +220,9 @@ def augment(
         if grids:
             pairs = [tuple(int(v) for v in g.lower().split("x")) for g in grids.split(",")]
             cfg = AugmentConfig(grids=tuple(pairs), grid_weights=(1.0,) * len(pairs))
-        cfg = dataclasses.replace(cfg, perspective_prob=perspective, occlusion_prob=occlusion,
-                                  noise_prob=noise)
+        cfg = dataclasses.replace(
+            cfg, perspective_prob=perspective, occlusion_prob=occlusion, noise_prob=noise
+        )
     except ValueError as err:
         _fail(err)
     start = time.perf_counter()
@@ -193,11 +234,21 @@ def augment(
             bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.1f} img/s")
 
         try:
-            result = augment_dataset(src, dst, seed, cfg, count, size=(size, size) if size else None,
-                                     overwrite=overwrite, on_item=on_item)
+            result = augment_dataset(
+                src,
+                dst,
+                seed,
+                cfg,
+                count,
+                size=(size, size) if size else None,
+                overwrite=overwrite,
+                on_item=on_item,
+            )
         except (ValueError, OSError) as err:
             _fail(err)
-    typer.echo(f"{result.written} written, {result.total - result.written} already there -> {result.out}")
+    typer.echo(
+        f"{result.written} written, {result.total - result.written} already there -> {result.out}"
+    )
 
 
 if __name__ == "__main__":

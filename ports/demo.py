@@ -40,12 +40,16 @@ def run(out: Path, size: int = 128, seed: int = 0, pamr: bool = False) -> DemoRe
     rows = [("scene: image | true labels", [image, render.overlay(image, np.asarray(truth))])]
     miou = {}
     for name, cfg in methods.PRESETS.items():
-        maps = synthetic.scene_maps(BOXES, SIDES, key, self_layers=getattr(cfg, "self_layers", "mean"))
+        maps = synthetic.scene_maps(
+            BOXES, SIDES, key, self_layers=getattr(cfg, "self_layers", "mean")
+        )
         f = jax.jit(jaxmask.extract_masks, static_argnums=(3, 4))
         soft, label = f(maps, weights, image_f, cfg, refine)
         conf = metrics.confusion_matrix(truth, label.astype(jnp.int32), len(BOXES) + 1)
         miou[name] = float(metrics.mean_iou(conf))
-        panels = [image, render.overlay(image, np.asarray(label))] + [render.heat(np.asarray(s)) for s in soft]
+        panels = [image, render.overlay(image, np.asarray(label))] + [
+            render.heat(np.asarray(s)) for s in soft
+        ]
         rows.append((f"{name}: mIoU {miou[name]:.3f}", panels))
     sheet = render.write_sheet(rows, Path(out) / "demo.png")
     return DemoResult(miou=miou, sheet=sheet)

@@ -49,11 +49,19 @@ class RunConfig:
 
     def to_json(self, model_id: str, fingerprint: str, size: int) -> dict:
         return {
-            "plan": self.plan.to_json(), "model": {"id": model_id, "fingerprint": fingerprint},
+            "plan": self.plan.to_json(),
+            "model": {"id": model_id, "fingerprint": fingerprint},
             "method": {"name": self.method, "params": dict(self.method_params)},
-            "steps": self.steps, "guidance": self.guidance, "size": size, "scheduler": self.scheduler,
-            "negative_prompt": self.negative_prompt, "seed": self.seed, "dtype": self.dtype,
-            "format": self.format, "pamr": self.pamr, "soft_masks": self.soft_masks,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "size": size,
+            "scheduler": self.scheduler,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "format": self.format,
+            "pamr": self.pamr,
+            "soft_masks": self.soft_masks,
         }
 
 
@@ -112,8 +120,12 @@ def run(
             )
         pipeline.sampler.mesh = data_mesh()
     dataset = open_dataset(
-        out, cfg.to_json(sd.source, sd.fingerprint, size), overwrite,
-        process_index=jax.process_index(), process_count=jax.process_count(), barrier=hosts.barrier,
+        out,
+        cfg.to_json(sd.source, sd.fingerprint, size),
+        overwrite,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        barrier=hosts.barrier,
     )
     todo = dataset.todo(plan.total)
     key = jax.random.key(cfg.seed)
@@ -126,9 +138,17 @@ def run(
             items = [plan.item(int(i)) for i in batch.indices]
             prompts = [it.prompt for it in items]
             result = pipeline.generate(
-                prompts, key, classes=[list(it.words) for it in items], method=method_cfg,
-                steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative_prompt,
-                height=size, width=size, scheduler=cfg.scheduler, pamr=cfg.pamr,
+                prompts,
+                key,
+                classes=[list(it.words) for it in items],
+                method=method_cfg,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                negative_prompt=cfg.negative_prompt,
+                height=size,
+                width=size,
+                scheduler=cfg.scheduler,
+                pamr=cfg.pamr,
                 item_ids=np.asarray(batch.indices),
             )
             ids = tokenize(sd.tokenizer, prompts)
@@ -141,13 +161,20 @@ def run(
                 class_ids_ = [plan.classes.index(c) + 1 for c in item.classes]
                 soft = None
                 if cfg.soft_masks:
-                    soft = np.asarray(jaxmask.resize(result.soft_masks[j], (SOFT_MASK_SIDE,) * 2, "bilinear"))
+                    soft = np.asarray(
+                        jaxmask.resize(result.soft_masks[j], (SOFT_MASK_SIDE,) * 2, "bilinear")
+                    )
                 record = {
                     "prompt": item.prompt,
                     "negative_prompt": cfg.negative_prompt,
                     "classes": [
-                        {"id": cid, "name": name,
-                         "token_positions": token_positions(ids[j].tolist(), class_ids(sd.tokenizer, word))}
+                        {
+                            "id": cid,
+                            "name": name,
+                            "token_positions": token_positions(
+                                ids[j].tolist(), class_ids(sd.tokenizer, word)
+                            ),
+                        }
                         for cid, name, word in zip(class_ids_, item.classes, item.words)
                     ],
                     "seed": {"rule": hosts.SEED_RULE, "value": cfg.seed},

@@ -19,8 +19,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
 _NOT_PRESETS = ("pascal", "pascal_voc", "voc2012", "coco", "ade20k", "ade", "cityscapes19", "lvis")
 DEFAULT_TEMPLATE = "a photo of a {class}"
 # VOC's run-together names read as words in prompts
-SPOKEN = {"aeroplane": "aeroplane", "diningtable": "dining table", "pottedplant": "potted plant",
-          "tvmonitor": "tv monitor", "motorbike": "motorbike"}
+SPOKEN = {
+    "aeroplane": "aeroplane",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+    "motorbike": "motorbike",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +62,12 @@ class Plan:
         return Item(template.replace("{class}", word), (name,), (word,))
 
     def to_json(self) -> dict:
-        return {"classes": list(self.classes), "items_per_class": self.items_per_class,
-                "templates": list(self.templates), "prompts": [[p, list(c)] for p, c in self.prompts]}
+        return {
+            "classes": list(self.classes),
+            "items_per_class": self.items_per_class,
+            "templates": list(self.templates),
+            "prompts": [[p, list(c)] for p, c in self.prompts],
+        }
 
 
 def spoken(name: str) -> str:
@@ -77,12 +86,16 @@ def parse_classes(spec: str) -> tuple[str, ...]:
         names = [line.strip() for line in path.read_text().splitlines()]
     else:
         if spec.lower() in _NOT_PRESETS:  # dataset names a user may take for presets
-            raise ValueError(f"unknown class preset {spec!r}; presets: {sorted(PRESETS)} (or list the classes)")
+            raise ValueError(
+                f"unknown class preset {spec!r}; presets: {sorted(PRESETS)} (or list the classes)"
+            )
         names = [s.strip() for s in spec.split(",")]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise ValueError(f"no classes in {spec!r}; give a preset ({', '.join(sorted(PRESETS))}), "
-                         "a comma-separated list or @file")
+        raise ValueError(
+            f"no classes in {spec!r}; give a preset ({', '.join(sorted(PRESETS))}), "
+            "a comma-separated list or @file"
+        )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"classes listed twice: {dupes}")
@@ -113,19 +126,27 @@ def read_prompts(path: Path, classes: tuple[str, ...]) -> tuple[tuple[str, tuple
             ) from err
         unknown = [c for c in names if c not in classes]
         if unknown:
-            raise ValueError(f"{path}:{n}: classes {unknown} are not in the class list {list(classes)}")
+            raise ValueError(
+                f"{path}:{n}: classes {unknown} are not in the class list {list(classes)}"
+            )
         missing = [c for c in names if spoken(c) not in prompt]
         if missing:
-            raise ValueError(f"{path}:{n}: the prompt {prompt!r} does not contain the class word(s) {missing}")
+            raise ValueError(
+                f"{path}:{n}: the prompt {prompt!r} does not contain the class word(s) {missing}"
+            )
         out.append((prompt, names))
     if not out:
         raise ValueError(f"prompt file {path} holds no prompts")
     if len({len(names) for _, names in out}) > 1:  # one batch, one (k, t) weight shape
-        raise ValueError(f"{path}: every prompt must name the same number of classes; split the file")
+        raise ValueError(
+            f"{path}: every prompt must name the same number of classes; split the file"
+        )
     return tuple(out)
 
 
-def make_plan(classes: str, items_per_class: int, templates=(), prompt_file: Path | None = None) -> Plan:
+def make_plan(
+    classes: str, items_per_class: int, templates=(), prompt_file: Path | None = None
+) -> Plan:
     names = parse_classes(classes)
     if items_per_class < 1:
         raise ValueError(f"images per class must be at least 1, got {items_per_class}")

@@ -19,7 +19,9 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.6) -> np.
 def heat(soft: np.ndarray) -> np.ndarray:
     """A [0, 1] map as an RGB heat image (black -> red -> yellow -> white)."""
     s = np.clip(soft, 0.0, 1.0)[..., None]
-    ramp = np.concatenate([np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1)
+    ramp = np.concatenate(
+        [np.clip(3 * s, 0, 1), np.clip(3 * s - 1, 0, 1), np.clip(3 * s - 2, 0, 1)], -1
+    )
     return (255 * ramp).astype(np.uint8)
 
 
@@ -62,7 +64,12 @@ def preview_dataset(dataset: Path, out: Path, count: int = 8, tile: int = 160) -
             image = np.asarray(img.convert("RGB"))
         with Image.open(dataset / "SegmentationClass" / f"{record['id']}.png") as img:
             labels = np.asarray(img)
-        rows.append((f"{record['id']}: {record['prompt']}", [image, overlay(image, labels), VOC_PALETTE[labels]]))
+        rows.append(
+            (
+                f"{record['id']}: {record['prompt']}",
+                [image, overlay(image, labels), VOC_PALETTE[labels]],
+            )
+        )
     if not rows:
         raise ValueError(f"{manifest} lists no items yet")
     return write_sheet(rows, Path(out), tile)

@@ -52,13 +52,30 @@ def get(name: str, **overrides) -> MethodConfig:
         fields = {f.name for f in dataclasses.fields(cfg)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"method {name!r} has no parameter(s) {unknown}; it has {sorted(fields)}")
+            raise ValueError(
+                f"method {name!r} has no parameter(s) {unknown}; it has {sorted(fields)}"
+            )
         cfg = dataclasses.replace(cfg, **overrides)
     return cfg
 
 
 __all__ = [
-    "CA", "CA_SA", "SEEDIFF_CODE", "SEEDIFF_PAPER", "PRESETS", "MethodConfig",
-    "CAConfig", "CASAConfig", "SeeDiffConfig", "ca", "ca_sa", "seediff", "get",
-    "background_seeds", "expand", "initial_seeds", "invert_background", "seed_threshold",
+    "CA",
+    "CA_SA",
+    "SEEDIFF_CODE",
+    "SEEDIFF_PAPER",
+    "PRESETS",
+    "MethodConfig",
+    "CAConfig",
+    "CASAConfig",
+    "SeeDiffConfig",
+    "ca",
+    "ca_sa",
+    "seediff",
+    "get",
+    "background_seeds",
+    "expand",
+    "initial_seeds",
+    "invert_background",
+    "seed_threshold",
 ]

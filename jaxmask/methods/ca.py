@@ -38,7 +38,9 @@ class CAConfig:
         if self.resolutions is not None:
             missing = sorted(set(self.resolutions) - set(resolutions))
             if missing:
-                raise ValueError(f"ca: no attention at {missing}; the model has {sorted(resolutions)}")
+                raise ValueError(
+                    f"ca: no attention at {missing}; the model has {sorted(resolutions)}"
+                )
             return tuple(sorted(self.resolutions))
         top = finest(resolutions)
         return tuple(sorted(r for r in resolutions if r >= top // 4))

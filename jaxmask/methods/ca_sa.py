@@ -77,7 +77,9 @@ def ca_sa(
         cr, sr = cfg.sides(maps.resolutions)
     else:  # model sides unknown: SA at the finest captured side, CA at half of it
         sr = cfg.self_resolution or max(maps.self_attn, default=0)
-        cr = cfg.cross_resolution or (sr // 2 if sr // 2 in maps.cross else min(maps.cross, default=0))
+        cr = cfg.cross_resolution or (
+            sr // 2 if sr // 2 in maps.cross else min(maps.cross, default=0)
+        )
     if maps.self_attn and maps.self_layers != "mean":
         raise ValueError("ca_sa needs layer-mean self-attention; capture with its CaptureSpec")
     cross = jnp.mean(maps.cross_at(cr), axis=0)  # (r, r, t)

@@ -99,13 +99,17 @@ class SeeDiffConfig:
         """The cascade: the seed side, then every larger side (16 -> 32 -> 64)."""
         seed = self.seed_resolution or side(resolutions, 4, "seediff seeds")
         if seed not in resolutions:
-            raise ValueError(f"seediff: no attention at side {seed}; the model has {sorted(resolutions)}")
+            raise ValueError(
+                f"seediff: no attention at side {seed}; the model has {sorted(resolutions)}"
+            )
         return tuple(sorted(r for r in resolutions if r >= seed))
 
     def capture_spec(self, resolutions) -> CaptureSpec:
         sides = self.sides(resolutions)
         return CaptureSpec(
-            cross=(sides[0],), self_attn=sides, self_layers=self.self_layers,
+            cross=(sides[0],),
+            self_attn=sides,
+            self_layers=self.self_layers,
             step_norm=self.step_norm,
         )
 
@@ -177,7 +181,9 @@ def expand(
     """
     r = seeds.shape[0]
     if self_attn.shape != (r * r, r * r):
-        raise ValueError(f"self-attention must be ({r * r}, {r * r}) for {r}x{r} seeds, got {self_attn.shape}")
+        raise ValueError(
+            f"self-attention must be ({r * r}, {r * r}) for {r}x{r} seeds, got {self_attn.shape}"
+        )
     s = seeds.reshape(-1).astype(jnp.float32)
     if op == "mean_rows":
         out = (s @ self_attn) / jnp.maximum(jnp.sum(s), 1.0)

@@ -16,12 +16,24 @@ import numpy as np
 
 CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "heart", "moon")
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient", "noisy")
-_BG_WORDS = {"plain": "plain", "striped": "striped", "checkered": "checkered", "dotted": "dotted",
-             "gradient": "gradient", "noisy": "grainy"}
+_BG_WORDS = {
+    "plain": "plain",
+    "striped": "striped",
+    "checkered": "checkered",
+    "dotted": "dotted",
+    "gradient": "gradient",
+    "noisy": "grainy",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +73,10 @@ def _sdf(name: str, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         return np.abs(r - 0.75) - 0.25
     if name == "cross":
         bar = 0.3
-        return np.minimum(np.maximum(np.abs(x) - 1.0, np.abs(y) - bar),
-                          np.maximum(np.abs(x) - bar, np.abs(y) - 1.0))
+        return np.minimum(
+            np.maximum(np.abs(x) - 1.0, np.abs(y) - bar),
+            np.maximum(np.abs(x) - bar, np.abs(y) - 1.0),
+        )
     if name == "heart":
         yy = -y + 0.25  # classic implicit heart, y up
         xx = 1.15 * x
@@ -81,7 +95,9 @@ def _background(kind: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
     elif kind == "striped":
         period = rng.uniform(4, 10) * h / 64
         angle = rng.uniform(0, np.pi)
-        t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0).astype(np.float32)
+        t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0).astype(
+            np.float32
+        )
     elif kind == "checkered":
         cell = max(2, int(rng.integers(4, 10) * h / 64))
         t = ((yy // cell + xx // cell) % 2).astype(np.float32)
@@ -90,7 +106,7 @@ def _background(kind: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
         t = (np.hypot(yy % cell - cell / 2, xx % cell - cell / 2) < cell / 4).astype(np.float32)
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
-        t = (xx * np.cos(angle) + yy * np.sin(angle))
+        t = xx * np.cos(angle) + yy * np.sin(angle)
         t = (t - t.min()) / max(np.ptp(t), 1e-6)
     elif kind == "noisy":
         t = rng.uniform(0, 1, (h, w))
@@ -106,15 +122,24 @@ def sample_objects(rng: np.random.Generator, max_objects: int = 3) -> tuple[Obj,
     objs = []
     for c, colour in zip(classes, colours):
         size = rng.uniform(0.12, 0.22)
-        objs.append(Obj(int(c), str(colour), float(rng.uniform(size, 1 - size)),
-                        float(rng.uniform(size, 1 - size)), float(size),
-                        float(rng.uniform(0, 2 * np.pi))))
+        objs.append(
+            Obj(
+                int(c),
+                str(colour),
+                float(rng.uniform(size, 1 - size)),
+                float(rng.uniform(size, 1 - size)),
+                float(size),
+                float(rng.uniform(0, 2 * np.pi)),
+            )
+        )
     return tuple(objs)
 
 
 def caption(objects: tuple[Obj, ...], background: str) -> str:
     """'a red star and a blue ring on a striped background'."""
-    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {CLASSES[o.cls]}" for o in objects]
+    parts = [
+        f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {CLASSES[o.cls]}" for o in objects
+    ]
     names = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{names} on a {_BG_WORDS[background]} background"
 
@@ -127,7 +152,10 @@ def _shape_mask(o: Obj, size: int) -> np.ndarray:
 
 
 def render(
-    objects: tuple[Obj, ...], background: str, rng: np.random.Generator, size: int,
+    objects: tuple[Obj, ...],
+    background: str,
+    rng: np.random.Generator,
+    size: int,
     min_visible: float = 0.5,
 ) -> Scene:
     """Draw ``objects`` in order over the background. An object less than ``min_visible`` of
@@ -153,7 +181,9 @@ def render(
         image[visible[i]] = np.clip(np.asarray(COLOURS[o.colour], np.float32) * shade, 0, 255)
         labels[visible[i]] = o.cls + 1
     kept = tuple(objects[i] for i in keep)
-    return Scene(image.round().astype(np.uint8), labels, caption(kept, background), kept, background)
+    return Scene(
+        image.round().astype(np.uint8), labels, caption(kept, background), kept, background
+    )
 
 
 def scene(seed: int, size: int = 64, max_objects: int = 3) -> Scene:

@@ -32,7 +32,9 @@ def test_minmax_damped_mutes_flat_layers_only():
     nearly_flat = 0.5 + 1e-3 * ramp  # var ~ 1e-7 <= 1e-4
     np.testing.assert_allclose(M.normalize_minmax_damped(ramp), M.normalize_minmax(ramp), rtol=1e-6)
     np.testing.assert_allclose(
-        M.normalize_minmax_damped(nearly_flat), 0.01 * np.asarray(M.normalize_minmax(nearly_flat)), rtol=1e-5
+        M.normalize_minmax_damped(nearly_flat),
+        0.01 * np.asarray(M.normalize_minmax(nearly_flat)),
+        rtol=1e-5,
     )
 
 
@@ -53,7 +55,8 @@ def test_class_cross_sums_normalised_layers_and_averages_tokens():
     got = M.class_cross(cross, w, "minmax")
     c = np.asarray(cross)
     expect0 = sum(
-        (lambda m: (m - m.min()) / (m.max() - m.min()))(0.5 * c[l, ..., 1] + 0.5 * c[l, ..., 2]) for l in range(3)
+        (lambda m: (m - m.min()) / (m.max() - m.min()))(0.5 * c[l, ..., 1] + 0.5 * c[l, ..., 2])
+        for l in range(3)
     )
     np.testing.assert_allclose(got[0], expect0, rtol=1e-5)
     np.testing.assert_allclose(M.class_cross(cross, w)[1], c[..., 3].sum(0), rtol=1e-5)
@@ -70,7 +73,18 @@ def test_capture_spec_validation_and_steps():
     with pytest.raises(ValueError, match="self_layers"):
         M.CaptureSpec(self_layers="all")
     spec = M.CaptureSpec(step_window=(0.2, 0.6), every=2)
-    assert spec.steps_mask(10) == (False, False, True, False, True, False, False, False, False, False)
+    assert spec.steps_mask(10) == (
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    )
     assert all(M.CaptureSpec().steps_mask(7))
 
 

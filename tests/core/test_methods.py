@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import jaxmask
 from jaxmask import methods, synthetic
 from jaxmask.maps import AttentionMaps
+
 sd = methods  # SeeDiff's building blocks are exported flat
 
 SIDES = (4, 8, 16, 32)  # a miniature of SD's 8/16/32/64: seeds at 32/4 = 8
@@ -78,15 +79,21 @@ def test_ca_sa_hand_value():
 
 
 def test_expand_hand_values():
-    sa = jnp.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.9, 0.1], [0.0, 0.0, 0.1, 0.9]])
+    sa = jnp.array(
+        [[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.9, 0.1], [0.0, 0.0, 0.1, 0.9]]
+    )
     seeds = jnp.array([[True, False], [False, False]])
     np.testing.assert_allclose(sd.expand(sa, seeds, "mean_rows"), [[1.0, 1.0], [0.0, 0.0]])
     np.testing.assert_allclose(sd.expand(sa, seeds, "cosine"), [[1.0, 1.0], [0.0, 0.0]])
     seeds2 = jnp.array([[False, False], [True, False]])  # seed at query 2
     # mean_rows: row 2 = (0, 0, .9, .1) -> minmax -> (0, 0, 1, 1/9)
-    np.testing.assert_allclose(sd.expand(sa, seeds2, "mean_rows").reshape(-1), [0, 0, 1, 1 / 9], rtol=1e-5)
+    np.testing.assert_allclose(
+        sd.expand(sa, seeds2, "mean_rows").reshape(-1), [0, 0, 1, 1 / 9], rtol=1e-5
+    )
     # cosine: cos(row_j, row_2) = (0, 0, 1, .18/.82)
-    np.testing.assert_allclose(sd.expand(sa, seeds2, "cosine").reshape(-1), [0, 0, 1, 0.18 / 0.82], rtol=1e-5)
+    np.testing.assert_allclose(
+        sd.expand(sa, seeds2, "cosine").reshape(-1), [0, 0, 1, 0.18 / 0.82], rtol=1e-5
+    )
 
 
 def test_seed_rules():
@@ -98,7 +105,9 @@ def test_seed_rules():
     from skimage.filters import threshold_otsu
 
     assert thr == pytest.approx(threshold_otsu(np.asarray(m) ** 2), rel=1e-5)
-    np.testing.assert_array_equal(sd.initial_seeds(m, "otsu_squared", 0.5), np.asarray(m) ** 2 > thr)
+    np.testing.assert_array_equal(
+        sd.initial_seeds(m, "otsu_squared", 0.5), np.asarray(m) ** 2 > thr
+    )
 
 
 # --- fallbacks and errors -------------------------------------------------------------------
@@ -155,7 +164,8 @@ def test_jit_equals_eager_and_vmap_equals_loop(name):
     cfg = methods.get(name)
     keys = jax.random.split(KEY, 3)
     batch = [
-        synthetic.scene_maps(BOXES, SIDES, k, self_layers=getattr(cfg, "self_layers", "mean")) for k in keys
+        synthetic.scene_maps(BOXES, SIDES, k, self_layers=getattr(cfg, "self_layers", "mean"))
+        for k in keys
     ]
     w = synthetic.class_weights(2)
     images = jnp.zeros((3, 24, 24, 3))
@@ -185,7 +195,8 @@ def test_no_recompile_on_new_values():
 def _permute_maps(maps, perms):
     """Apply one spatial permutation per side to cross rows/cols and self rows and columns."""
     cross = {
-        r: c.reshape(c.shape[0], r * r, -1)[:, perms[r]].reshape(c.shape) for r, c in maps.cross.items()
+        r: c.reshape(c.shape[0], r * r, -1)[:, perms[r]].reshape(c.shape)
+        for r, c in maps.cross.items()
     }
     self_attn = {r: a[perms[r]][:, perms[r]] for r, a in maps.self_attn.items()}
     return dataclasses.replace(maps, cross=cross, self_attn=self_attn)
@@ -213,9 +224,13 @@ def test_seediff_single_side_equivariant_under_any_permutation(seed, expansion):
 def test_seediff_cascade_equivariant_under_dihedral_permutations(name, op):
     """Flips and the transpose commute with the separable resize of the 16->32->64 cascade."""
     cfg = methods.get(name)
-    maps = synthetic.scene_maps(BOXES, SIDES, jax.random.key(3), mode="region", self_layers=cfg.self_layers)
+    maps = synthetic.scene_maps(
+        BOXES, SIDES, jax.random.key(3), mode="region", self_layers=cfg.self_layers
+    )
     grid = {
-        "flip_h": lambda g: g[:, ::-1], "flip_v": lambda g: g[::-1], "transpose": lambda g: g.T,
+        "flip_h": lambda g: g[:, ::-1],
+        "flip_v": lambda g: g[::-1],
+        "transpose": lambda g: g.T,
     }[op]
     perms = {r: grid(np.arange(r * r).reshape(r, r)).reshape(-1) for r in SIDES}
     w = synthetic.class_weights(2)

@@ -57,6 +57,8 @@ def test_all_classes_and_backgrounds_render():
 
 def test_caption_grammar():
     objs = (scenes.Obj(3, "red", 0.3, 0.3, 0.1, 0.0), scenes.Obj(4, "orange", 0.7, 0.7, 0.1, 0.0))
-    assert scenes.caption(objs, "striped") == "a red star and an orange ring on a striped background"
+    assert (
+        scenes.caption(objs, "striped") == "a red star and an orange ring on a striped background"
+    )
     with pytest.raises(ValueError, match="unknown background"):
         scenes.render(objs, "tartan", np.random.default_rng(0), 16)
