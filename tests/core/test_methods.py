@@ -33,11 +33,14 @@ def truth(r, boxes=BOXES):
     return np.asarray(synthetic.region_labels(boxes, r))
 
 
+_extract = jax.jit(jaxmask.extract_masks, static_argnums=(3, 4))
+
+
 def labels_at_finest(maps, cfg, boxes=BOXES):
     """Label map at the finest side via the public composition (no resize)."""
     r = max(maps.resolutions)
     image = jnp.zeros((r, r, 3))
-    _, label = jaxmask.extract_masks(maps, synthetic.class_weights(len(boxes)), image, cfg)
+    _, label = _extract(maps, synthetic.class_weights(len(boxes)), image, cfg)
     return np.asarray(label)
 
 
