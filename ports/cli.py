@@ -105,6 +105,11 @@ def generate(
             ) from err
         if format not in ("voc", "webdataset"):
             raise ValueError(f"unknown format {format!r}; use voc or webdataset")
+        if model is None:
+            raise ValueError(
+                "pass --model: a diffusers-format Stable Diffusion folder or a hub id "
+                "(the bundled toy model is not shipped yet)"
+            )
     except ValueError as err:
         _fail(err)
     import jax
