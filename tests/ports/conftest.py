@@ -19,3 +19,19 @@ def tiny_sd2_path(tmp_path_factory):
     from tests.ports.sd.tiny import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), seed=1, sd2=True)
+
+
+@pytest.fixture(scope="session")
+def sd1(tiny_sd_path):
+    """The tiny SD 1.x checkpoint loaded by ``ports.sd.load`` (once per session)."""
+    from ports.sd.load import load
+
+    return load(tiny_sd_path)
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny_sd2_path):
+    """The tiny SD 2.x checkpoint loaded by ``ports.sd.load`` (once per session)."""
+    from ports.sd.load import load
+
+    return load(tiny_sd2_path)

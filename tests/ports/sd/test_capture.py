@@ -25,7 +25,6 @@ from ports.sd.capture import (
     parse_layer,
     step_maps,
 )
-from ports.sd.load import load
 
 pytestmark = [
     # diffusers' PyTorch loaders, on these machines without accelerate/torchvision
@@ -155,11 +154,6 @@ def assert_maps_close(actual, expected, rel):
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd_path):
-    return load(tiny_sd_path)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.ports.sd.parity import assert_rel_close as _close
+
 torch = pytest.importorskip("torch")
 
 from ports.sd.clip import convert_state_dict
@@ -28,25 +30,6 @@ pytestmark = [
 
 BATCH = 2
 LATENT = 16  # tiny UNet sample_size; the tiny VAE maps it to 64x64 images
-
-
-def _close(actual, expected, rel):
-    """max |actual - expected| <= rel * max |expected| (returns the error relative to that scale)."""
-    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    error = float(np.abs(actual - expected).max() / np.abs(expected).max())
-    assert error <= rel, f"relative max error {error:.2e} > {rel:.0e}"
-    return error
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd_path):
-    return load(tiny_sd_path)
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_sd2_path):
-    return load(tiny_sd2_path)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.ports.sd.parity import assert_rel_close as _close
+
 torch = pytest.importorskip("torch")
 
 from jaxmask.maps import CaptureSpec
@@ -47,15 +49,6 @@ _TORCH_SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }
-
-
-def _close(actual, expected, rel):
-    """max |actual - expected| <= rel * max |expected|; returns that relative error."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    error = float(np.abs(actual - expected).max() / np.abs(expected).max())
-    assert error <= rel, f"relative max error {error:.2e} > {rel:.0e}"
-    return error
 
 
 def _torch_pipeline(path, scheduler):
@@ -102,11 +95,6 @@ def _noise(sd):
     return initial_noise(
         jax.random.key(SEED), jnp.arange(len(PROMPTS)), (sd.latent_channels, 16, 16)
     )
-
-
-@pytest.fixture(scope="module")
-def sd1(tiny_sd_path):
-    return load(tiny_sd_path)
 
 
 @pytest.fixture(scope="module")
