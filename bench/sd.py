@@ -16,12 +16,14 @@ Per (batch, method) it compiles the sampler once (``compile_s`` = trace + lower 
 what a first call costs on top of one run), runs it once, then times ``--repeats`` calls
 (``block_until_ready`` on images, latents and maps) and prints a markdown table and one JSON line.
 
-FLOPs: XLA's cost analysis counts a ``while`` loop's body once whatever its trip count (checked:
-a 10- and a 20-step ``lax.scan`` of a matmul report the same FLOPs), so the sampler's own count
-is one denoising step plus text encoder and VAE. The total here is
-``text + VAE + model_calls x (sampler - text - VAE)``, the text encoder and VAE costed on their
-own (pre-optimisation HLO of ``jax.jit(...).lower``; no extra compile). MFU = that total per
-batch / seconds per batch / ``--peak-tflops``.
+FLOPs (``sampler_flops``): ``text + VAE + model_calls x (one CFG UNet call with the capture, and
+guidance)``, each part costed on its own by XLA's cost analysis of its pre-optimisation HLO,
+lowered (never run) for the host CPU with XLA attention (``implementation="xla"``, XLA head-mean):
+on a GPU ``Lowered.cost_analysis()`` is not available and ``Compiled.cost_analysis()`` counts
+cuDNN attention and Pallas kernels as 0 FLOPs, and costing the sampler as a whole would count its
+``lax.scan`` body once. So attention is counted as the matmuls cuDNN performs, the capture as the
+XLA path's (the fused head-mean kernel's second ``QK^T`` is not counted), the same on every
+backend. MFU = that total per batch / seconds per batch / ``--peak-tflops``.
 
 Ratios against the PyTorch peer (``/work/shared/bench/peer_torch_sd.py``) are only meaningful
 from the same command on the same GPU: ``--peer`` prints the peer's command line to run beside it.
@@ -49,7 +51,7 @@ import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger befo
 from jaxmask import methods
 from jaxmask.maps import CaptureSpec
 from jaxmask.masks import extract_masks
-from ports.sd.capture import NOTHING
+from ports.sd.capture import MAPS, NOTHING, head_mean_kernel, intercept_attention, step_maps
 from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from ports.sd.load import StableDiffusion
 from ports.sd.sample import Sampler
@@ -304,32 +306,89 @@ def _flops(cost) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def sampler_flops(sampler: Sampler, batch: int, steps: int, spec: CaptureSpec, lowered=None):
-    """FLOPs of one sampler call, with the scan body counted once per UNet call.
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
-    Returns ``{"total", "per_model_call", "text", "vae", "model_calls"}`` (FLOPs). ``lowered`` is
-    the sampler's ``Lowered`` for these arguments if the caller has it.
+
+def cost_flops(fn, *args) -> float:
+    """XLA's FLOP count of ``fn(*args)`` (pre-optimisation HLO), lowered for the host CPU.
+
+    On a GPU ``Lowered.cost_analysis()`` is unavailable (the PJRT plugin has none: it returned
+    nothing and the bench printed 0 FLOPs) and ``Compiled.cost_analysis()`` counts custom calls
+    (cuDNN attention, Pallas kernels) as 0, so the program is lowered, not compiled, for the CPU
+    backend from abstract arguments; only the CPU's cost model is used, nothing runs there.
+    """
+    args = _abstract(args)
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS excludes the CPU: the default backend's, maybe 0
+        cpu = None
+    if cpu is None:
+        return _flops(jax.jit(fn).lower(*args).cost_analysis())
+    with jax.default_device(cpu):
+        return _flops(jax.jit(fn).lower(*args).cost_analysis())
+
+
+def model_call_flops(sd: StableDiffusion, batch: int, side: int, spec: CaptureSpec) -> float:
+    """FLOPs of one denoising step: the CFG UNet call on ``2 batch`` latents with ``spec``'s
+    capture (XLA attention, XLA head-mean), then guidance.
+
+    Counted with ``implementation="xla"`` and ``kernel=False`` whatever the backend, so cuDNN's
+    fused attention is costed as the two matmuls it performs, and the capture as the XLA path's
+    one ``QK^T`` per captured head (the fused head-mean kernel recomputes it once more; that
+    recomputation is not counted). The scheduler update and the running sums of the maps (a few
+    elementwise ops per latent / map entry, < 0.1%) are left out.
+    """
+    text_dim = sd.text_encoder.config.hidden_size
+    length = sd.text_encoder.config.max_position_embeddings
+
+    def step(params, latents, t, text, guidance):
+        x = jnp.concatenate([latents, latents])
+        with intercept_attention(spec, implementation="xla", kernel=False):
+            out, variables = sd.unet.apply(
+                {"params": params},
+                x.astype(sd.dtype),
+                jnp.broadcast_to(t, (2 * batch,)),
+                text,
+                mutable=[MAPS],
+            )
+        maps = step_maps(variables.get(MAPS), spec)
+        eps_uncond, eps_cond = jnp.split(out.sample.astype(jnp.float32), 2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond), maps
+
+    return cost_flops(
+        step,
+        sd.unet_params,
+        jax.ShapeDtypeStruct((batch, sd.latent_channels, side, side), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((2 * batch, length, text_dim), sd.dtype),
+        jax.ShapeDtypeStruct((), jnp.float32),
+    )
+
+
+def sampler_flops(sampler: Sampler, batch: int, steps: int, spec: CaptureSpec):
+    """FLOPs of one sampler call: ``text + VAE + model_calls x model_call_flops``.
+
+    Each part is costed on its own (``cost_flops``: lowered for the CPU, XLA attention), so the
+    count is the same on every backend and does not rest on how XLA costs a ``while`` loop.
+
+    Returns ``{"total", "per_model_call", "text", "vae", "model_calls"}`` (FLOPs).
     """
     sd = sampler.sd
-    if lowered is None:
-        args, static = sampler_args(sampler, batch, steps, spec)
-        lowered = sampler._run.lower(*args, **static)
-    once = _flops(lowered.cost_analysis())  # text + VAE + ONE scan body
     ids, negative = token_ids(batch)
-    text = _flops(
-        jax.jit(lambda p, i: sd.text_encoder.apply({"params": p}, i))
-        .lower(sd.text_params, jnp.concatenate([jnp.asarray(negative), jnp.asarray(ids)]))
-        .cost_analysis()
+    text = cost_flops(
+        lambda p, i: sd.text_encoder.apply({"params": p}, i),
+        sd.text_params,
+        jnp.concatenate([jnp.asarray(negative), jnp.asarray(ids)]),
     )
     side = sampler.native_size() // sd.vae_scale_factor
-    latents = jax.ShapeDtypeStruct((batch, sd.latent_channels, side, side), sd.dtype)
-    vae = _flops(
-        jax.jit(lambda p, x: sd.vae.apply({"params": p}, x, method=sd.vae.decode).sample)
-        .lower(sd.vae_params, latents)
-        .cost_analysis()
+    vae = cost_flops(
+        lambda p, x: sd.vae.apply({"params": p}, x, method=sd.vae.decode).sample,
+        sd.vae_params,
+        jax.ShapeDtypeStruct((batch, sd.latent_channels, side, side), sd.dtype),
     )
     calls = sampler.num_model_calls(steps)
-    body = once - text - vae
+    body = model_call_flops(sd, batch, side, spec)
     return {
         "total": text + vae + calls * body,
         "per_model_call": body,
@@ -411,7 +470,7 @@ def measure(
         times.append(time.perf_counter() - t)
     run_s = float(np.mean(times))
 
-    flops = sampler_flops(sampler, batch, steps, spec, lowered=lowered)
+    flops = sampler_flops(sampler, batch, steps, spec)
     device = jax.devices()[0]
     on_accelerator = device.platform != "cpu"
     stats = device.memory_stats() if on_accelerator else None
@@ -545,6 +604,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-masks", action="store_true", help="time the sampler only (no mask extraction)"
     )
+    parser.add_argument(
+        "--head-mean",
+        choices=("auto", "kernel", "xla"),
+        default="auto",
+        help="how captured maps are head-meaned: auto (the fused Pallas kernel for large maps on "
+        "one GPU), kernel (wherever its shapes fit; interpreted on a CPU), xla",
+    )
     parser.add_argument("--peer", action="store_true", help="print the PyTorch peer's command")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -567,6 +633,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    choice = {"auto": None, "kernel": True, "xla": False}[args.head_mean]
+    with head_mean_kernel(choice):
+        return _main(args)
+
+
+def _main(args) -> dict:
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -621,13 +693,14 @@ def main(argv=None) -> dict:
         "peak_tflops": args.peak_tflops if device.platform != "cpu" else None,
         "window": list(args.window) if args.window else None,
         "every": args.every,
+        "head_mean": args.head_mean,
         "peer_command": f"{PEER} {steps}",
         "results": rows,
     }
     print(
         f"device: {result['device']}; jax {jax.__version__}; {args.config} {args.dtype}, "
         f"{result['size']} px, DDIM {steps} steps, guidance 7.5; UNet {n_params / 1e6:.1f} M params; "
-        f"build {build_s:.1f} s"
+        f"build {build_s:.1f} s; head-mean {args.head_mean}"
     )
     print(table(rows))
     if args.peer:

@@ -16,7 +16,10 @@ otherwise.
 For the layers ``spec`` declares, the probabilities are recomputed for the conditional half of the
 classifier-free-guidance batch only (the batch is ``[unconditional; conditional]``), head-mean in
 float32 with the spec's per-step normalisation (``jaxmask.head_mean_probs``), and ``sow``n into the
-``"maps"`` collection under the layer's own path. Recomputing them beside the fused output means
+``"maps"`` collection under the layer's own path. On one GPU the large maps (``n * m >= 2**20``:
+the 32x32 and 64x64 self layers at 512 px) come from ``ports.sd.headmean``'s fused Pallas kernel,
+which writes the head mean without the per-head float32 logits and probabilities XLA would
+materialise (``conditional_head_mean(..., kernel=...)`` forces either path). Recomputing them beside the fused output means
 capturing never changes the UNet's output. ``step_maps`` then turns the collection of one UNet call
 into per-resolution arrays (cross maps stacked per layer in UNet order, self maps averaged over the
 chosen layers); the sampler adds those into running sums in its ``lax.scan`` carry, so nothing is
@@ -35,6 +38,8 @@ Example::
     cross, self_attn = step_maps(variables[MAPS], spec)   # {r: (b, l, r, r, t)}, {r: (b, n, n)}
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -47,6 +52,7 @@ from flax.traverse_util import flatten_dict
 
 import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import CaptureSpec, head_mean_probs
+from ports.sd import headmean
 
 MAPS = "maps"  # the flax collection the interceptor sows into
 NOTHING = CaptureSpec()  # the spec that captures nothing
@@ -112,7 +118,9 @@ def wants(spec: CaptureSpec, layer: Layer | None, kind: str, side: int) -> bool:
     return spec.self_layers == "mean" or layer.is_first_up
 
 
-def intercept_attention(spec: CaptureSpec = NOTHING, *, weight=None, implementation=None):
+def intercept_attention(
+    spec: CaptureSpec = NOTHING, *, weight=None, implementation=None, kernel: bool | None = None
+):
     """A context manager under which the UNet's attention is computed (and captured) here.
 
     Args:
@@ -123,14 +131,17 @@ def intercept_attention(spec: CaptureSpec = NOTHING, *, weight=None, implementat
       implementation: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"``; None picks
         cuDNN on a GPU where it applies (bf16/fp16, head dim a multiple of 8 and <= 128), XLA
         elsewhere.
+      kernel: how the captured maps are head-meaned (``conditional_head_mean``'s ``kernel``):
+        None picks the fused Pallas kernel where it pays (see ``use_kernel``), True forces it
+        (interpreted off a GPU), False forces XLA.
 
     The maps are sown only when the caller made the ``"maps"`` collection mutable
     (``apply(..., mutable=[MAPS])``); otherwise nothing extra is computed.
     """
-    return nn.intercept_methods(_interceptor(spec, weight, implementation))
+    return nn.intercept_methods(_interceptor(spec, weight, implementation, kernel))
 
 
-def _interceptor(spec, weight, implementation):
+def _interceptor(spec, weight, implementation, kernel):
     from diffusers.models.attention_flax import FlaxAttention
 
     def interceptor(next_fun, args, kwargs, context):
@@ -138,7 +149,9 @@ def _interceptor(spec, weight, implementation):
         if context.method_name != "__call__" or not isinstance(module, FlaxAttention):
             return next_fun(*args, **kwargs)
         hidden_states, text, deterministic = _bind(args, kwargs)
-        return _attention(module, hidden_states, text, deterministic, spec, weight, implementation)
+        return _attention(
+            module, hidden_states, text, deterministic, spec, weight, implementation, kernel
+        )
 
     return interceptor
 
@@ -155,7 +168,7 @@ def _bind(args, kwargs):
     return bound["hidden_states"], bound.get("context"), bound.get("deterministic", True)
 
 
-def _attention(module, hidden_states, text, deterministic, spec, weight, implementation):
+def _attention(module, hidden_states, text, deterministic, spec, weight, implementation, kernel):
     is_self = text is None
     source = hidden_states if is_self else text
     heads, dim_head = module.heads, module.dim_head
@@ -180,7 +193,8 @@ def _attention(module, hidden_states, text, deterministic, spec, weight, impleme
     )
     if captured:
         probs = _maybe(
-            weight, lambda: conditional_head_mean(query, key, module.scale, spec.step_norm)
+            weight,
+            lambda: conditional_head_mean(query, key, module.scale, spec.step_norm, kernel=kernel),
         )
         module.sow(MAPS, kind, probs, init_fn=lambda: 0.0, reduce_fn=lambda acc, x: acc + x)
     return out
@@ -196,7 +210,9 @@ def _maybe(weight, compute):
     )
 
 
-def conditional_head_mean(query, key, scale: float, step_norm: str = "none"):
+def conditional_head_mean(
+    query, key, scale: float, step_norm: str = "none", *, kernel: bool | None = None
+):
     """Head-mean attention probabilities of the conditional (second) half of a CFG batch, float32.
 
     Args:
@@ -204,6 +220,9 @@ def conditional_head_mean(query, key, scale: float, step_norm: str = "none"):
         conditional]``.
       scale: the logit scale (``dim_head ** -0.5``).
       step_norm: ``CaptureSpec.step_norm`` (``"max"``: SeeDiff Eq. 5's per-step ``A / max A``).
+      kernel: True: ``ports.sd.headmean``'s fused Pallas kernel (Pallas' interpreter off a GPU;
+        raises if the shapes do not suit it); False: XLA (softmax of the float32 logits of every
+        head, then ``jaxmask.head_mean_probs``); None: ``use_kernel(query, key)``.
 
     Returns:
       ``(b // 2, q, k)`` float32: row ``i`` of item ``j`` is query ``i``'s attention over the keys.
@@ -214,11 +233,53 @@ def conditional_head_mean(query, key, scale: float, step_norm: str = "none"):
             "attention capture expects a classifier-free-guidance batch [unconditional; "
             f"conditional] of even size, got batch {b}"
         )
+    if kernel is None:
+        kernel = use_kernel(query, key)
+    if kernel:
+        return headmean.head_mean_attention(query, key, scale, step_norm)
     logits = jnp.einsum(
         "bqhd,bkhd->bhqk", query[b // 2 :], key[b // 2 :], preferred_element_type=jnp.float32
     )
     probs = jax.nn.softmax(logits * jnp.float32(scale), axis=-1)
     return jax.vmap(lambda p: head_mean_probs(p, step_norm))(probs)
+
+
+KERNEL_MIN_SIZE = 1 << 20  # n * m from which the fused kernel pays (the 32x32 self layers)
+_KERNEL_DEFAULT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "head_mean_kernel", default=None
+)
+
+
+@contextlib.contextmanager
+def head_mean_kernel(choice: bool | None):
+    """Within the block, ``kernel=None`` means ``choice`` (True: the fused kernel wherever
+    ``headmean.supported``; False: XLA; None: ``use_kernel``'s rule).
+
+    For entry points (``bench/sd.py --head-mean``) that cannot reach ``intercept_attention``'s
+    ``kernel`` argument. It acts at trace time and jit caches do not see it: enter it before the
+    first trace of the function it should affect.
+    """
+    token = _KERNEL_DEFAULT.set(choice)
+    try:
+        yield
+    finally:
+        _KERNEL_DEFAULT.reset(token)
+
+
+def use_kernel(query, key) -> bool:
+    """Whether ``conditional_head_mean`` uses the fused kernel by default: on one GPU (a Pallas
+    call is not partitioned over a device mesh), for maps of at least ``KERNEL_MIN_SIZE``
+    entries, on shapes ``headmean.supported`` accepts. Decided at trace time from shapes; a
+    ``head_mean_kernel`` block overrides the rule."""
+    choice = _KERNEL_DEFAULT.get()
+    if choice is not None:
+        return bool(choice) and headmean.supported(query.shape, key.shape)
+    return (
+        jax.default_backend() == "gpu"
+        and jax.device_count() == 1
+        and query.shape[1] * key.shape[1] >= KERNEL_MIN_SIZE
+        and headmean.supported(query.shape, key.shape)
+    )
 
 
 def _fused_attention(query, key, value, scale, implementation):
