@@ -256,5 +256,61 @@ def augment(
     )
 
 
+@app.command()
+def quality(
+    model: str = typer.Option(
+        None, help="diffusers-format folder (default: the bundled toy model)"
+    ),
+    per_class: int = typer.Option(200, "--per-class", "-n", min=1, help="images per class"),
+    seed: int = typer.Option(0, help="scenes, prompts, noise and segmenters derive from it"),
+    out: Path = typer.Option(Path("docs/quality.md"), help="markdown page to (re)write"),
+    json_path: Path = typer.Option(None, "--json", help="also write the full result as JSON"),
+    steps: int = typer.Option(50, min=1, help="denoising steps"),
+    oracle_steps: int = typer.Option(
+        None, help="segmenter steps (default: 50 x per-class, 400..3000)"
+    ),
+    oracle_cache: str = typer.Option(
+        "~/.cache/jaxmask", help="folder caching the trained oracle; 'none' to always retrain"
+    ),
+    param: list[str] = typer.Option(
+        [], help="METHOD:NAME=VALUE method override, e.g. seediff-code:seed_resolution=8"
+    ),
+) -> None:
+    """Measure mask quality on the toy world: every method (with and without PAMR) against a
+    supervised oracle on generated images, and a segmenter trained on jaxmask's pairs tested on
+    real scenes; print the table and write it to --out (docs/quality.md)."""
+    import json
+    import sys
+
+    from ports.toyworld import quality as q
+
+    overrides: dict[str, dict] = {}
+    try:
+        for text in param:
+            method, _, assignment = text.partition(":")
+            if not assignment:
+                raise ValueError(f"--param {text!r} must be METHOD:NAME=VALUE")
+            name, value = _split_param(assignment)
+            overrides.setdefault(method.strip(), {})[name] = _parse_value(value)
+        result = q.measure(
+            Path(model) if model else q.DEFAULT_MODEL,
+            per_class=per_class,
+            seed=seed,
+            steps=steps,
+            oracle_steps=oracle_steps,
+            method_overrides=overrides,
+            oracle_cache=None if oracle_cache == "none" else Path(oracle_cache).expanduser(),
+        )
+    except (ValueError, OSError) as err:
+        _fail(err)
+    page = q.render_markdown(result, command=" ".join(["jaxmask", *sys.argv[1:]]))
+    typer.echo(page)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+    typer.echo(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
+
+
 if __name__ == "__main__":
     app()

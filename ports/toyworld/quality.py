@@ -1,0 +1,659 @@
+"""How good are jaxmask's masks? One measurement on the toy world, against a supervised oracle.
+
+The toy world has exact labels for real scenes but not for generated images, so quality is
+measured the way the papers do it when no annotator is at hand, in three parts:
+
+a. **The oracle.** A small supervised segmenter (``ports.toyworld.segmenter``) is trained on real
+   world scenes with their exact labels; its mIoU on held-out real scenes says how far to trust it.
+b. **Masks vs the oracle.** The text-to-image model draws ``per_class`` images of each of the 8
+   classes from one-object prompts of the world's caption grammar ("a red star on a striped
+   background"). Every method (with and without PAMR) labels each image from the model's
+   attention; the oracle labels the same image; mIoU is computed over all images at once (one
+   confusion matrix, background + 8 classes). The oracle's 9-class prediction is reduced to
+   {background, the named class}: a pixel it gives to any other class counts as background, as
+   jaxmask's map only knows the named class. jaxmask's ignore band (255) counts as background too
+   (the share is reported). "Named object present" is the share of images where the oracle finds
+   at least ``min_pixels`` pixels of the named class; mIoU is also reported on those images alone.
+c. **Train on synthetic, test on real** (DiffuMask / Dataset Diffusion / SeeDiff protocol, in
+   small): the same segmenter, same steps and batch, trained only on jaxmask's pairs (generated
+   image + one method's label map, 255 kept as ignore), tested on the held-out real scenes beside
+   the oracle (trained on real scenes).
+
+Every random choice derives from ``seed``: real scene ``i`` of stream ``s`` is
+``scenes.scene(SeedSequence((seed, s, i)))`` (stream 0 oracle training, 1 held-out evaluation,
+2 prompts), generated item ``i`` uses ``fold_in(key(seed), i)``, segmenter training uses
+``fold_in(key(seed), 1_000_000)``. The same seed gives the same numbers.
+
+    jaxmask quality --per-class 8            # a few minutes on a laptop CPU
+    result = quality.measure(model, per_class=200); print(quality.render_markdown(result))
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmask
+from jaxmask.maps import CaptureSpec
+from jaxmask.masks import check_maps, extract_masks
+from jaxmask.refine import PAMR_DEFAULT
+from ports.toyworld import scenes, segmenter
+
+DEFAULT_MODEL = Path(__file__).parent / "model"
+METHODS = ("ca", "ca_sa", "seediff-paper", "seediff-code")
+NUM_CLASSES = len(scenes.CLASSES) + 1
+
+_STREAM_ORACLE, _STREAM_EVAL, _STREAM_PROMPTS = 0, 1, 2
+_SEGMENTER_KEY = 1_000_000  # fold_in index of the segmenters' key (item ids stay below it)
+
+_extract_batch = jax.jit(
+    jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4)
+)
+
+
+def auto_oracle_steps(per_class: int) -> int:
+    """Segmenter steps when none are given: ``50 * per_class`` clipped to [400, 3000].
+
+    A quick run (``per_class=8``) trains for 400 steps (a rough oracle, but minutes on a CPU);
+    the full run (200 per class) for 3000.
+    """
+    return int(min(3000, max(400, 50 * per_class)))
+
+
+def prompts(per_class: int, seed: int = 0) -> list[tuple[str, int]]:
+    """``(prompt, class index)`` of every generated item: item ``i`` names class ``i % 8``.
+
+    The colour and background are drawn from ``SeedSequence((seed, 2, i))``; the words are the
+    world's caption grammar (``scenes.caption``).
+    """
+    out = []
+    for i in range(per_class * len(scenes.CLASSES)):
+        rng = np.random.default_rng(np.random.SeedSequence((seed, _STREAM_PROMPTS, i)))
+        cls = i % len(scenes.CLASSES)
+        colour = str(rng.choice(list(scenes.COLOURS)))
+        background = str(rng.choice(scenes.BACKGROUNDS))
+        obj = scenes.Obj(cls, colour, 0.5, 0.5, 0.2, 0.0)
+        out.append((scenes.caption((obj,), background), cls))
+    return out
+
+
+def real_scenes(count: int, stream: int, seed: int = 0, size: int = 64):
+    """``count`` real world scenes of one stream: images ``(n, h, w, 3)``, labels ``(n, h, w)``."""
+    images = np.empty((count, size, size, 3), np.uint8)
+    labels = np.empty((count, size, size), np.uint8)
+    for i in range(count):
+        s = scenes.scene(np.random.SeedSequence((seed, stream, i)), size)
+        images[i], labels[i] = s.image, s.labels
+    return images, labels
+
+
+def capture_groups(configs: Mapping[str, Any], resolutions) -> list[tuple[CaptureSpec, list[str]]]:
+    """Methods grouped so that each group is captured in one sampling run (``CaptureSpec.union``).
+
+    SeeDiff-code's first-up-layer self-attention and SeeDiff-paper's per-step max normalisation
+    cannot share a run with the others; every group re-draws the same images (same keys).
+    """
+    groups: list[tuple[CaptureSpec, list[str]]] = []
+    for name, cfg in configs.items():
+        spec = cfg.capture_spec(resolutions)
+        for g, (merged, names) in enumerate(groups):
+            try:
+                groups[g] = (merged.union(spec), [*names, name])
+                break
+            except ValueError:
+                continue
+        else:
+            groups.append((spec, [name]))
+    return groups
+
+
+def to_world_labels(label_maps: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """jaxmask's one-class label maps (0, 1, 255) to world ids (0, ``class + 1``, 255)."""
+    cls = (np.asarray(classes, np.uint8) + 1)[:, None, None]
+    return np.where(label_maps == 1, cls, np.where(label_maps == 255, 255, 0)).astype(np.uint8)
+
+
+def named_only(pred: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The oracle's 9-class prediction reduced to {0, the named class}: other classes become 0."""
+    cls = (np.asarray(classes, np.uint8) + 1)[:, None, None]
+    return np.where(pred == cls, cls, 0).astype(np.uint8)
+
+
+def measure(
+    model: Any = DEFAULT_MODEL,
+    *,
+    per_class: int = 200,
+    methods: Sequence[str] = METHODS,
+    pamr: Sequence[bool] = (False, True),
+    seed: int = 0,
+    oracle_steps: int | None = None,
+    batch: int = 32,
+    progress: bool = True,
+    method_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    steps: int = 50,
+    guidance: float = 7.5,
+    scheduler: str = "ddim",
+    gen_batch: int = 16,
+    oracle_scenes: int = 4000,
+    eval_scenes: int = 500,
+    min_pixels: int = 32,
+    synthetic: tuple[str, bool] = ("seediff-code", False),
+    oracle_cache: str | os.PathLike | None = None,
+    segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+) -> dict:
+    """Measure the masks of ``model`` on the toy world (see the module docstring); a JSON-able dict.
+
+    Args:
+      model: a diffusers-format folder (default: the bundled toy model) or a loaded
+        ``jaxmask.Pipeline``.
+      per_class: generated images per class (8 classes).
+      methods: method names (``jaxmask.methods.PRESETS``).
+      pamr: which of without (False) / with (True) PAMR to score.
+      seed: everything derives from it.
+      oracle_steps: segmenter optimiser steps, for the oracle and the synthetic-data segmenter
+        alike; None: ``auto_oracle_steps(per_class)``.
+      batch: segmenter batch.
+      progress: rich progress bars and a runtime estimate on the terminal.
+      method_overrides: ``{method: {field: value}}`` (``jaxmask.methods.get(name, **fields)``),
+        e.g. ``{"seediff-code": {"seed_resolution": 8}}`` for a UNet without attention at 1/4 of
+        its finest side.
+      steps, guidance, scheduler: the sampler's settings.
+      gen_batch: images per sampling call (the last call is padded with extra items).
+      oracle_scenes, eval_scenes: real scenes to train the oracle on and to test on.
+      min_pixels: the oracle must find this many pixels of the named class for "present".
+      synthetic: ``(method, pamr)`` whose label maps train the synthetic-data segmenter.
+      oracle_cache: a folder: the oracle is loaded from it when one trained with the same settings
+        is there, else trained and saved into it.
+
+    Returns:
+      A dict with ``config``, ``model``, ``device``, ``oracle``, ``rows`` (one per method x pamr),
+      ``present``, ``synthetic``, ``timings``, ``date`` (see ``render_markdown``).
+
+    Raises:
+      ValueError: an unknown method or parameter, a method the model's attention sides cannot
+        serve (the message says which override to pass), or images that differ between capture
+        runs.
+    """
+    import ports.api
+
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if not methods or not pamr:
+        raise ValueError("give at least one method and one pamr choice")
+    methods, pamr = tuple(dict.fromkeys(methods)), tuple(dict.fromkeys(bool(p) for p in pamr))
+    overrides = {k: dict(v) for k, v in (method_overrides or {}).items()}
+    unknown = sorted(set(overrides) - set(jaxmask.methods.PRESETS))
+    if unknown:
+        raise ValueError(
+            f"method_overrides names unknown method(s) {unknown}; "
+            f"choose from {sorted(jaxmask.methods.PRESETS)}"
+        )
+    overrides = {k: v for k, v in overrides.items() if k in methods}  # others are not measured
+    configs = {name: jaxmask.methods.get(name, **overrides.get(name, {})) for name in methods}
+    if synthetic[0] not in methods or bool(synthetic[1]) not in pamr:
+        raise ValueError(
+            f"synthetic={synthetic!r} is not measured: pass one of the measured methods "
+            f"{list(methods)} and pamr choices {list(pamr)}"
+        )
+    steps_seg = auto_oracle_steps(per_class) if oracle_steps is None else int(oracle_steps)
+
+    clock = _Clock()
+    bars = _Bars(progress)
+    with bars:
+        with clock("load"):
+            if isinstance(model, ports.api.Pipeline):
+                pipe = model
+            else:
+                path = Path(model)
+                if not path.exists() and path == DEFAULT_MODEL:
+                    raise ValueError(
+                        f"the bundled toy model is not at {DEFAULT_MODEL} yet: pass a model folder "
+                        "(or train one: jaxmask train-toy --out ports/toyworld/model)"
+                    )
+                pipe = ports.api.load(model)
+        size = pipe.native_size
+        resolutions = pipe.resolutions(size)
+        groups = capture_groups(configs, resolutions)  # raises for an unservable method
+        items = prompts(per_class, seed)
+        key = jax.random.key(seed)
+        seg_key = jax.random.fold_in(key, _SEGMENTER_KEY)
+
+        # (a) the oracle, on real scenes
+        with clock("real scenes"):
+            eval_images, eval_labels = real_scenes(eval_scenes, _STREAM_EVAL, seed, size)
+        oracle_meta = {
+            "seed": seed, "steps": steps_seg, "batch": batch, "scenes": oracle_scenes, "size": size,
+            "segmenter": dataclasses.asdict(segmenter_cfg),
+        }  # fmt: skip
+        cache_file = _cache_file(oracle_cache, oracle_meta)
+        oracle_cached = cache_file is not None and cache_file.is_file()
+        if oracle_cached:
+            with clock("oracle train"):
+                oracle_params, _ = segmenter.load(cache_file)
+        else:
+            with clock("real scenes"):
+                train_images, train_labels = real_scenes(oracle_scenes, _STREAM_ORACLE, seed, size)
+            with clock("oracle train"):
+                oracle_params, oracle_losses = segmenter.train(
+                    (train_images, train_labels),
+                    steps_seg,
+                    batch,
+                    seg_key,
+                    cfg=segmenter_cfg,
+                    progress=bars.callback("oracle: train on real scenes", steps_seg),
+                )
+            del train_images, train_labels
+            if cache_file is not None:
+                segmenter.save(cache_file, oracle_params, segmenter_cfg)
+        with clock("evaluate"):
+            real_pred = segmenter.predict(oracle_params, eval_images, cfg=segmenter_cfg)
+            oracle_scores = segmenter.scores(segmenter.confusion(eval_labels, real_pred))
+
+        # (b) generate, extract every method's masks, score them against the oracle
+        n = len(items)
+        b = min(gen_batch, n)
+        padded = -(-n // b) * b
+        all_items = items + prompts(padded // len(scenes.CLASSES) + 1, seed)[n:padded]
+        class_ids = np.array([c for _, c in all_items[:padded]], np.int64)
+        images = np.empty((padded, size, size, 3), np.uint8)
+        combos = [(m, p) for m in methods for p in pamr]
+        label_maps = {c: np.empty((padded, size, size), np.uint8) for c in combos}
+        from ports.sd.tokenizer import class_ids as token_ids_of
+        from ports.sd.tokenizer import tokenize
+
+        tokenizer = pipe.sd.tokenizer
+        negative = tokenize(tokenizer, [""] * b)
+        batch_seconds = []
+        gen_task = bars.callback("generate + masks", padded)
+        for start in range(0, padded, b):
+            batch_start = time.perf_counter()
+            chunk = all_items[start : start + b]
+            texts = [t for t, _ in chunk]
+            ids = tokenize(tokenizer, texts)
+            weights = np.stack(
+                [
+                    jaxmask.class_token_weights(
+                        ids[i], [token_ids_of(tokenizer, scenes.CLASSES[c])], [scenes.CLASSES[c]]
+                    )
+                    for i, (_, c) in enumerate(chunk)
+                ]
+            )
+            item_ids = np.arange(start, start + b, dtype=np.int32)
+            for g, (spec, names) in enumerate(groups):
+                with clock("generate"):
+                    samples = pipe.sampler(
+                        ids,
+                        negative,
+                        key,
+                        item_ids=item_ids,
+                        steps=steps,
+                        guidance=guidance,
+                        scheduler=scheduler,
+                        size=size,
+                        spec=spec,
+                    )
+                    batch_images = np.round(np.asarray(samples.images) * 255.0).astype(np.uint8)
+                if g == 0:
+                    images[start : start + b] = batch_images
+                elif not np.array_equal(batch_images, images[start : start + b]):
+                    diff = np.abs(batch_images.astype(int) - images[start : start + b]).max()
+                    raise ValueError(
+                        f"capture changed the images (max difference {diff}/255 between the runs "
+                        f"for {groups[0][1]} and {names}): masks would be scored on other images"
+                    )
+                with clock("masks"):
+                    check_maps(samples.maps)
+                    for name in names:
+                        for p in pamr:
+                            _, labels = _extract_batch(
+                                samples.maps,
+                                jnp.asarray(weights),
+                                samples.images,
+                                configs[name],
+                                PAMR_DEFAULT if p else None,
+                            )
+                            label_maps[(name, p)][start : start + b] = np.asarray(labels)
+            gen_task(start + b, None)
+            batch_seconds.append(time.perf_counter() - batch_start)
+            if len(batch_seconds) == 2:  # two batches timed (the first one compiles)
+                _print_estimate(bars, clock, batch_seconds, padded // b, steps_seg)
+        images, class_ids = images[:n], class_ids[:n]
+        label_maps = {c: v[:n] for c, v in label_maps.items()}
+
+        with clock("evaluate"):
+            oracle_gen = segmenter.predict(oracle_params, images, cfg=segmenter_cfg)
+            reference = named_only(oracle_gen, class_ids)
+            named_pixels = (reference > 0).reshape(n, -1).sum(1)
+            present = named_pixels >= min_pixels
+            rows = []
+            for name, p in combos:
+                world = to_world_labels(label_maps[(name, p)], class_ids)
+                scored = np.where(world == 255, 0, world).astype(np.uint8)
+                all_scores = segmenter.scores(segmenter.confusion(reference, scored))
+                present_scores = (
+                    segmenter.scores(segmenter.confusion(reference[present], scored[present]))
+                    if present.any()
+                    else None
+                )
+                rows.append(
+                    {
+                        "method": name,
+                        "pamr": p,
+                        "miou": all_scores["miou"],
+                        "iou": all_scores["iou"],
+                        "miou_present": present_scores["miou"] if present_scores else None,
+                        "ignored": float(np.mean(world == 255)),
+                        "foreground": float(np.mean((world != 0) & (world != 255))),
+                    }
+                )
+
+        # (c) train on synthetic pairs, test on real scenes
+        syn_labels = to_world_labels(label_maps[(synthetic[0], bool(synthetic[1]))], class_ids)
+        with clock("synthetic train"):
+            syn_params, syn_losses = segmenter.train(
+                (images, syn_labels),
+                steps_seg,
+                batch,
+                seg_key,
+                cfg=segmenter_cfg,
+                progress=bars.callback(f"segmenter: train on {synthetic[0]} pairs", steps_seg),
+            )
+        with clock("evaluate"):
+            syn_pred = segmenter.predict(syn_params, eval_images, cfg=segmenter_cfg)
+            syn_scores = segmenter.scores(segmenter.confusion(eval_labels, syn_pred))
+
+    per_class_present = [float(present[class_ids == c].mean()) for c in range(len(scenes.CLASSES))]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_description(),
+        "model": {"source": str(pipe.sd.source), "fingerprint": pipe.sd.fingerprint},
+        "config": {
+            "per_class": per_class,
+            "images": n,
+            "methods": list(methods),
+            "method_overrides": {k: dict(v) for k, v in overrides.items()},
+            "pamr": list(pamr),
+            "seed": seed,
+            "size": size,
+            "resolutions": list(resolutions),
+            "capture_runs": [names for _, names in groups],
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": scheduler,
+            "segmenter_steps": steps_seg,
+            "segmenter_batch": batch,
+            "segmenter": dataclasses.asdict(segmenter_cfg),
+            "segmenter_params": int(sum(x.size for x in jax.tree_util.tree_leaves(oracle_params))),
+            "oracle_scenes": oracle_scenes,
+            "eval_scenes": eval_scenes,
+            "min_pixels": min_pixels,
+            "synthetic": [synthetic[0], bool(synthetic[1])],
+        },
+        "classes": ["background", *scenes.CLASSES],
+        "oracle": {
+            **oracle_scores,
+            "cached": oracle_cached,
+            "final_loss": None if oracle_cached else float(oracle_losses[-10:].mean()),
+        },
+        "present": float(present.mean()),
+        "present_per_class": per_class_present,
+        "rows": rows,
+        "synthetic": {
+            "method": synthetic[0],
+            "pamr": bool(synthetic[1]),
+            "pairs": n,
+            "real": {"pairs": oracle_scenes, **oracle_scores},
+            "jaxmask": {"pairs": n, **syn_scores, "final_loss": float(syn_losses[-10:].mean())},
+        },
+        "generation": {"batch": b, "batch_seconds": batch_seconds},
+        "timings": clock.totals(),
+    }
+
+
+def estimate_seconds(result: Mapping, per_class: int) -> float:
+    """Runtime of a run with ``per_class`` images per class on the same device, from a finished
+    run: its first sampling batch (compiles) plus its steady batch time per further batch, and its
+    segmenter time per step times twice ``auto_oracle_steps(per_class)``."""
+    c, t = result["config"], result["timings"]
+    batches = result["generation"]["batch_seconds"]
+    steady = float(np.median(batches[1:])) if len(batches) > 1 else batches[0]
+    n_batches = -(-len(scenes.CLASSES) * per_class // result["generation"]["batch"])
+    per_step = t.get("synthetic train", 0.0) / c["segmenter_steps"]
+    per_image_eval = t.get("evaluate", 0.0) / max(c["images"] + c["eval_scenes"], 1)
+    return (
+        t.get("load", 0.0)
+        + t.get("real scenes", 0.0)
+        + batches[0]
+        + steady * (n_batches - 1)
+        + per_image_eval * (len(scenes.CLASSES) * per_class + c["eval_scenes"])
+        + 2 * per_step * auto_oracle_steps(per_class)
+    )
+
+
+def device_description() -> str:
+    """'cpu (2 cores)', 'gpu: NVIDIA H100 80GB HBM3', ..."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"{device.platform}: {device.device_kind} x{jax.device_count()}"
+
+
+def render_markdown(result: Mapping, command: str | None = None) -> str:
+    """The result as the markdown page docs/quality.md (tables of mIoU, how, when, on what)."""
+    c, o, s = result["config"], result["oracle"], result["synthetic"]
+    classes = result["classes"]
+    t = result["timings"]
+    total = t.get("total", sum(t.values()))
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    lines = [
+        "# Mask quality on the toy world",
+        "",
+        "How good are jaxmask's masks? The toy world has exact labels for real scenes but not for",
+        "generated images, so a small supervised segmenter trained on real scenes (the *oracle*)",
+        "labels the generated images, and every method's masks are scored against it. Then the",
+        "papers' protocol in small: the same segmenter trained only on jaxmask's synthetic pairs,",
+        "tested on real scenes. Numbers are mIoU in percent (one confusion matrix over all images,",
+        "background + 8 classes). The method is in `ports/toyworld/quality.py`.",
+        "",
+        f"- command: `{command or 'ports.toyworld.quality.measure(...)'}`",
+        f"- date: {result['date']}; device: {result['device']}",
+        f"- model: `{result['model']['source']}` (fingerprint `{result['model']['fingerprint']}`)",
+        (
+            f"- {c['images']} generated images ({c['per_class']} per class, {c['size']} px, "
+            f"{c['steps']} {c['scheduler']} steps, guidance {c['guidance']}), attention sides "
+            f"{c['resolutions']}, seed {c['seed']}"
+        ),
+        (
+            f"- segmenter: conv UNet {tuple(c['segmenter']['features'])}, "
+            f"{c['segmenter_params']:,} parameters, {c['segmenter_steps']} steps x batch "
+            f"{c['segmenter_batch']} (adamw, flips and quarter turns)"
+        ),
+    ]
+    if c["method_overrides"]:
+        lines.append(f"- method overrides: `{json.dumps(c['method_overrides'])}`")
+    estimate = (
+        ""
+        if c["per_class"] == 200
+        else f"; 200 per class would take about {estimate_seconds(result, 200) / 60:.0f} min here"
+    )
+    lines += [
+        f"- total time {total:.0f} s{estimate}",
+        "",
+        "## a. The oracle",
+        "",
+        "| trained on | pairs | mIoU on held-out real scenes | pixel accuracy |",
+        "|---|---:|---:|---:|",
+        (
+            f"| real scenes (exact labels) | {c['oracle_scenes']} | {pct(o['miou'])} "
+            f"| {pct(o['pixel_accuracy'])} |"
+        ),
+        "",
+        f"Per class IoU on {c['eval_scenes']} held-out real scenes:",
+        "",
+        "| " + " | ".join(classes) + " |",
+        "|" + "---:|" * len(classes),
+        "| " + " | ".join(pct(v) for v in o["iou"]) + " |",
+        "",
+        "## b. Masks vs the oracle on generated images",
+        "",
+        "| method | PAMR | mIoU | mIoU, object present | ignored px % | foreground px % |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['method']} | {'yes' if row['pamr'] else 'no'} | {pct(row['miou'])} | "
+            f"{pct(row['miou_present'])} | {pct(row['ignored'])} | {pct(row['foreground'])} |"
+        )
+    lines += [
+        "",
+        (
+            f"Named object present (the oracle finds at least {c['min_pixels']} pixels of the class "
+            f"the prompt names): **{pct(result['present'])} %** of the images; per class:"
+        ),
+        "",
+        "| " + " | ".join(classes[1:]) + " |",
+        "|" + "---:|" * (len(classes) - 1),
+        "| " + " | ".join(pct(v) for v in result["present_per_class"]) + " |",
+        "",
+        "The oracle's prediction is reduced to {background, the named class}: pixels it gives to",
+        "another class count as background, since a one-class prompt's mask only knows its class.",
+        "jaxmask's ignore band (255) counts as background here (its share is in the table).",
+        "*mIoU, object present* scores only the images where the named object was drawn.",
+        "",
+        "## c. Train on synthetic, test on real",
+        "",
+        "| segmenter trained on | pairs | mIoU on held-out real scenes | pixel accuracy |",
+        "|---|---:|---:|---:|",
+        (
+            f"| real scenes (the oracle) | {s['real']['pairs']} | {pct(s['real']['miou'])} "
+            f"| {pct(s['real']['pixel_accuracy'])} |"
+        ),
+        (
+            f"| jaxmask {s['method']}{' + PAMR' if s['pamr'] else ''} pairs "
+            f"| {s['jaxmask']['pairs']} | {pct(s['jaxmask']['miou'])} "
+            f"| {pct(s['jaxmask']['pixel_accuracy'])} |"
+        ),
+        "",
+        "Same network, steps, batch and initialisation; the synthetic pairs keep 255 as ignore.",
+        "",
+        "## Timings",
+        "",
+        "| phase | seconds |",
+        "|---|---:|",
+        *(f"| {k} | {v:.1f} |" for k, v in t.items()),
+        "",
+        "Regenerate: `jaxmask quality --per-class 200` (the numbers above come from the command",
+        "line at the top; the same seed gives the same numbers on the same device).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class _Clock:
+    """Wall-clock seconds per named phase (a phase can be entered many times)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Phase()
+
+    def totals(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
+
+
+class _Bars:
+    """rich progress bars (one task per phase), or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description:<40}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text)
+
+    def callback(self, description: str, total: int):
+        """``f(done, loss_or_None)``: moves the bar to ``done``."""
+        if self.progress is None:
+            return lambda done, value: None
+        task = self.progress.add_task(description, total=total, note="")
+
+        def update(done, value):
+            note = "" if value is None else f"loss {value:.3f}"
+            self.progress.update(task, completed=done, note=note)
+
+        return update
+
+
+def _print_estimate(bars: _Bars, clock: _Clock, batch_seconds, batches: int, train_steps) -> None:
+    """After two timed generation batches (the first one compiles): the rest of the run."""
+    rest_gen = batch_seconds[-1] * (batches - len(batch_seconds))
+    train = clock.seconds.get("oracle train", 0.0)
+    trained = train > 5.0  # else loaded from the cache: its time says nothing
+    elapsed = time.perf_counter() - clock.start
+    bars.print(
+        f"estimate: generation + masks {sum(batch_seconds) + rest_gen:.0f} s for {batches} "
+        f"batches, then the synthetic segmenter ({train_steps} steps"
+        + (f", ~{train:.0f} s like the oracle)" if trained else ")")
+        + (f"; total ~{elapsed + rest_gen + train:.0f} s" if trained else "")
+    )
+
+
+def _cache_file(folder, meta: Mapping) -> Path | None:
+    if folder is None:
+        return None
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / f"oracle-{digest}.msgpack"

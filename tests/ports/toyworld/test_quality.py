@@ -1,0 +1,159 @@
+"""The quality measurement end to end on the tiny random checkpoint (numbers are meaningless
+there; the table must be complete, in range, and the same for the same seed)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ports.toyworld import quality, scenes
+
+# The tiny UNet attends at sides 16 and 8 only: the methods' default sides (finest / 4) are not
+# there, so the overrides pick 8 (the toy model, 32/16/8, needs none).
+OVERRIDES = {
+    "ca_sa": {"cross_resolution": 8},
+    "seediff-paper": {"seed_resolution": 8},
+    "seediff-code": {"seed_resolution": 8},
+}
+SHRUNK = {
+    "per_class": 1,
+    "oracle_steps": 3,
+    "batch": 4,
+    "steps": 2,
+    "gen_batch": 8,
+    "oracle_scenes": 16,
+    "eval_scenes": 8,
+    "method_overrides": OVERRIDES,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1):
+    from ports.api import Pipeline
+
+    return Pipeline(sd1)
+
+
+@pytest.fixture(scope="module")
+def result(pipe):
+    return quality.measure(pipe, seed=0, **SHRUNK)
+
+
+def test_table_is_complete_and_in_range(result):
+    rows = {(r["method"], r["pamr"]) for r in result["rows"]}
+    assert rows == {(m, p) for m in quality.METHODS for p in (False, True)}
+    for row in result["rows"]:
+        for name in ("miou", "ignored", "foreground"):
+            assert 0.0 <= row[name] <= 1.0, (row["method"], name, row[name])
+        assert row["miou_present"] is None or 0.0 <= row["miou_present"] <= 1.0
+        assert len(row["iou"]) == 9
+    assert 0.0 <= result["oracle"]["miou"] <= 1.0
+    assert 0.0 <= result["present"] <= 1.0 and len(result["present_per_class"]) == 8
+    assert 0.0 <= result["synthetic"]["jaxmask"]["miou"] <= 1.0
+    assert result["synthetic"]["real"]["miou"] == result["oracle"]["miou"]
+    assert result["config"]["images"] == 8
+    assert result["config"]["capture_runs"] == [
+        ["ca", "ca_sa"],
+        ["seediff-paper"],
+        ["seediff-code"],
+    ]
+    json.dumps(result)  # JSON-able
+
+
+def test_markdown_holds_every_row(result):
+    page = quality.render_markdown(result, command="jaxmask quality --per-class 1")
+    assert "`jaxmask quality --per-class 1`" in page
+    assert result["model"]["fingerprint"] in page
+    for row in result["rows"]:
+        line = f"| {row['method']} | {'yes' if row['pamr'] else 'no'} | {100 * row['miou']:.1f} |"
+        assert line in page
+    assert "## c. Train on synthetic, test on real" in page
+    assert quality.estimate_seconds(result, 200) > result["timings"]["generate"]
+
+
+def test_same_seed_same_numbers(pipe, result):
+    again = quality.measure(pipe, seed=0, **SHRUNK)
+    for key in ("rows", "oracle", "present", "present_per_class", "synthetic"):
+        assert again[key] == result[key], key
+
+
+def test_oracle_cache_is_reused(pipe, result, tmp_path):
+    first = quality.measure(
+        pipe, seed=0, **{**SHRUNK, "methods": ("ca",), "pamr": (False,)},
+        synthetic=("ca", False), oracle_cache=tmp_path,
+    )  # fmt: skip
+    assert not first["oracle"]["cached"] and len(list(tmp_path.glob("oracle-*.msgpack"))) == 1
+    second = quality.measure(
+        pipe, seed=0, **{**SHRUNK, "methods": ("ca",), "pamr": (False,)},
+        synthetic=("ca", False), oracle_cache=tmp_path,
+    )  # fmt: skip
+    assert second["oracle"]["cached"]
+    assert second["oracle"]["miou"] == first["oracle"]["miou"] == result["oracle"]["miou"]
+    assert second["rows"] == first["rows"] == result["rows"][:1]
+
+
+def test_bad_input_says_what_to_do(pipe):
+    with pytest.raises(ValueError, match="seed_resolution"):
+        quality.measure(pipe, **{**SHRUNK, "method_overrides": None})
+    with pytest.raises(ValueError, match="unknown method"):
+        quality.measure(pipe, **{**SHRUNK, "methods": ("nope",), "method_overrides": None})
+    with pytest.raises(ValueError, match="synthetic"):
+        quality.measure(pipe, **{**SHRUNK, "methods": ("ca",), "method_overrides": None})
+    if not quality.DEFAULT_MODEL.exists():
+        with pytest.raises(ValueError, match="train-toy"):
+            quality.measure(quality.DEFAULT_MODEL, **SHRUNK)
+
+
+def test_prompts_follow_the_caption_grammar():
+    items = quality.prompts(2, seed=0)
+    assert len(items) == 16 and [c for _, c in items] == [i % 8 for i in range(16)]
+    for text, c in items:
+        assert scenes.CLASSES[c] in text.split() and text.endswith(" background")
+    assert items == quality.prompts(2, seed=0) and items != quality.prompts(2, seed=1)
+    assert quality.prompts(1, seed=0) == items[:8]
+
+
+def test_label_mappings_known_values():
+    jm = np.array([[[0, 1, 255]], [[1, 0, 255]]], np.uint8)
+    np.testing.assert_array_equal(
+        quality.to_world_labels(jm, np.array([3, 7])), [[[0, 4, 255]], [[8, 0, 255]]]
+    )
+    oracle = np.array([[[4, 2, 0]], [[8, 8, 4]]], np.uint8)
+    np.testing.assert_array_equal(
+        quality.named_only(oracle, np.array([3, 7])), [[[4, 0, 0]], [[8, 8, 0]]]
+    )
+
+
+def test_capture_groups_on_the_toy_sides():
+    import jaxmask
+
+    configs = {name: jaxmask.methods.get(name) for name in quality.METHODS}
+    groups = quality.capture_groups(configs, (32, 16, 8))
+    assert [names for _, names in groups] == [["ca", "ca_sa"], ["seediff-paper"], ["seediff-code"]]
+    assert groups[0][0].cross == (8, 16, 32) and groups[0][0].self_attn == (16,)
+
+
+def test_cli_writes_the_page(monkeypatch, tmp_path, result):
+    from typer.testing import CliRunner
+
+    from ports import cli
+
+    seen = {}
+
+    def fake_measure(model, **kwargs):
+        seen.update(kwargs, model=model)
+        return result
+
+    monkeypatch.setattr(quality, "measure", fake_measure)
+    out, js = tmp_path / "q.md", tmp_path / "q.json"
+    args = ["quality", "--model", "m", "-n", "3", "--seed", "5", "--out", str(out)]
+    args += ["--json", str(js), "--param", "seediff-code:seed_resolution=8"]
+    run = CliRunner().invoke(cli.app, [*args, "--oracle-cache", "none"])
+    assert run.exit_code == 0, run.output
+    assert seen["per_class"] == 3 and seen["seed"] == 5 and seen["oracle_cache"] is None
+    assert seen["method_overrides"] == {"seediff-code": {"seed_resolution": 8}}
+    assert "| ca | no |" in out.read_text() and "| ca | no |" in run.output
+    assert json.loads(js.read_text())["rows"] == result["rows"]
+    bad = CliRunner().invoke(cli.app, ["quality", "--param", "beta=0.5", "--out", str(out)])
+    assert bad.exit_code == 2 and "METHOD:NAME=VALUE" in bad.output
