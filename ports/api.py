@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,11 +33,8 @@ from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
 from ports.sd.sample import Sampler, to_uint8
 
-_NO_MODEL = (
-    "pass a diffusers-format folder or hub id; the bundled toy model is not yet shipped "
-    "(e.g. jaxmask.load('stabilityai/stable-diffusion-2-base') or a folder written by "
-    "StableDiffusionPipeline.save_pretrained)"
-)
+# The bundled toy model (ports/toyworld/train.py, preset cpu): what ``load()`` gives without a model.
+DEFAULT_MODEL = Path(__file__).parent / "toyworld" / "model"
 
 # One example's masks, batched over images (method and PAMR configs static).
 _extract_batch = jax.jit(
@@ -305,15 +303,16 @@ def load(model: str | os.PathLike | None = None, *, dtype: Any = "float32") -> P
     """Load a Stable Diffusion 1.x / 2.x checkpoint as a ``Pipeline``.
 
     Args:
-      model: a diffusers-format folder or a Hugging Face Hub id (``ports.sd.load``).
+      model: a diffusers-format folder or a Hugging Face Hub id (``ports.sd.load``); None loads
+        the bundled toy model (``DEFAULT_MODEL``: 64 px shapes world, see docs/toymodel.md).
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (a jnp dtype works too): the params' and
         the computation's dtype; scheduler state and attention maps stay float32.
 
     Raises:
-      ValueError: no model given (the bundled toy model is not yet shipped), or a bad dtype.
+      ValueError: a bad dtype; ``ports.sd.load``'s errors for a bad folder or hub id.
     """
     if model is None:
-        raise ValueError(_NO_MODEL)
+        model = DEFAULT_MODEL
     from ports.sd.load import load as load_sd
 
     return Pipeline(load_sd(model, dtype=jnp.dtype(dtype)))
@@ -333,6 +332,6 @@ def generate(
     ``model`` do not reload or recompile; use ``jaxmask.load`` to hold several models.
     """
     if model is None:
-        raise ValueError(_NO_MODEL)
+        model = DEFAULT_MODEL
     pipeline = _cached_pipeline(os.fspath(model), jnp.dtype(dtype).name)
     return pipeline.generate(prompt_or_prompts, key, **kwargs)

@@ -36,14 +36,18 @@ def demo(
 def generate(
     out: Path = typer.Option(..., "--out", "-o", help="dataset folder (created, or resumed)"),
     classes: str = typer.Option(
-        "voc", help="'voc', 'cityscapes', 'cat,dog,...' or @file (one per line)"
+        None,
+        help="'voc', 'cityscapes', 'shapes', 'cat,dog,...' or @file (one per line); default "
+        "'shapes' with the bundled model, 'voc' with --model",
     ),
     per_class: int = typer.Option(..., "--per-class", "-n", help="images per class"),
     template: list[str] = typer.Option([], help="prompt template with {class}; repeat for several"),
     prompts: Path = typer.Option(
         None, help='JSONL of {"prompt": ..., "classes": [...]} (several classes per prompt)'
     ),
-    model: str = typer.Option(None, help="diffusers-format folder or hub id"),
+    model: str = typer.Option(
+        None, help="diffusers-format folder or hub id (default: the bundled toy model)"
+    ),
     method: str = typer.Option("seediff-code", help="seediff-code, seediff-paper, ca or ca_sa"),
     param: list[str] = typer.Option(
         [], help="method parameter NAME=VALUE, e.g. beta=0.5; repeatable"
@@ -77,6 +81,8 @@ def generate(
     from ports.scale import hosts
 
     hosts.initialize_distributed(coordinator, num_processes, process_id)
+    if classes is None:
+        classes = "voc" if model else "shapes"
     try:
         plan = plans.make_plan(classes, per_class, template, prompts)
         params = tuple((k, _parse_value(v)) for k, v in (_split_param(p) for p in param))
@@ -105,11 +111,6 @@ def generate(
             ) from err
         if format not in ("voc", "webdataset"):
             raise ValueError(f"unknown format {format!r}; use voc or webdataset")
-        if model is None:
-            raise ValueError(
-                "pass --model: a diffusers-format Stable Diffusion folder or a hub id "
-                "(the bundled toy model is not shipped yet)"
-            )
     except ValueError as err:
         _fail(err)
     import jax
@@ -149,6 +150,65 @@ def preview(
         path = render.preview_dataset(dataset, out or dataset / "preview.png", count)
     except (ValueError, OSError) as err:
         _fail(err)
+    typer.echo(f"contact sheet: {path}")
+
+
+@app.command()
+def sheet(
+    prompt: list[str] = typer.Argument(
+        None, help="prompts; default: six toy-world prompts for the bundled model"
+    ),
+    classes: list[str] = typer.Option(
+        [], "--classes", "-c", help="the classes of each prompt, comma-separated; one per prompt"
+    ),
+    out: Path = typer.Option(Path("jaxmask-sheet.png"), "--out", "-o", help="PNG to write"),
+    model: str = typer.Option(None, help="diffusers-format folder or hub id (default: bundled)"),
+    method: str = typer.Option("seediff-code", help="seediff-code, seediff-paper, ca or ca_sa"),
+    steps: int = typer.Option(50, min=1),
+    guidance: float = typer.Option(7.5),
+    seed: int = typer.Option(0),
+    pamr: bool = typer.Option(False, help="refine masks with PAMR"),
+) -> None:
+    """A contact sheet for a few prompts: image | label overlay | per-class soft maps."""
+    from ports import render
+
+    if not prompt:
+        if classes:
+            _fail(ValueError("--classes without prompts: give the prompts too"))
+        prompt, names = zip(*render.SHEET_PROMPTS)
+    else:
+        if len(classes) != len(prompt):
+            _fail(
+                ValueError(
+                    f"{len(prompt)} prompts but {len(classes)} --classes: give one --classes "
+                    "per prompt, e.g. -c cat 'a photo of a cat'"
+                )
+            )
+        names = [tuple(c.strip() for c in text.split(",") if c.strip()) for text in classes]
+    import jax
+
+    from ports import api
+
+    try:
+        pipe = api.load(model)
+        rows = []
+        # One generate call per class count (a batch shares the number of classes).
+        for k in sorted({len(n) for n in names}):
+            idx = [i for i, n in enumerate(names) if len(n) == k]
+            result = pipe.generate(
+                [prompt[i] for i in idx],
+                jax.random.key(seed),
+                classes=[list(names[i]) for i in idx],
+                method=method,
+                steps=steps,
+                guidance=guidance,
+                pamr=pamr,
+                item_ids=idx,
+            )
+            rows += list(zip(idx, render.prompt_rows(result)))
+    except (ValueError, OSError) as err:
+        _fail(err)
+    path = render.write_sheet([row for _, row in sorted(rows, key=lambda r: r[0])], out, tile=128)
     typer.echo(f"contact sheet: {path}")
 
 
@@ -310,6 +370,29 @@ def quality(
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))
     typer.echo(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
+
+
+@app.command("train-toy")
+def train_toy(
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the diffusers-format model"),
+    preset: str = typer.Option(
+        "cpu", help="cpu (the bundled model, 16x16 latents), gpu (32x32 latents), smoke"
+    ),
+    seed: int = typer.Option(0, help="data, initialisation and noise all derive from it"),
+    max_minutes: float = typer.Option(None, help="stop the UNet stage after this wall time"),
+) -> None:
+    """Train the toy Stable Diffusion (VAE, CLIP text encoder, UNet) on the shapes world from
+    scratch and save it in diffusers format (the bundled model was made with --preset cpu)."""
+    from ports.toyworld import train
+
+    if preset not in train.PRESETS:
+        _fail(ValueError(f"unknown preset {preset!r}; choose from {sorted(train.PRESETS)}"))
+    record = train.train(out, train.PRESETS[preset], seed=seed, max_minutes=max_minutes)
+    t = record["timings"]
+    typer.echo(
+        f"saved {out}: vae loss {record['vae_loss'][-1]:.4f}, unet loss "
+        f"{record['unet_loss'][-1]:.4f}; {t['total_s']:.0f} s on {record['device']}"
+    )
 
 
 if __name__ == "__main__":

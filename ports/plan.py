@@ -10,11 +10,21 @@ import json
 from pathlib import Path
 
 from jaxmask.labels import VOC_CLASSES
+from ports.toyworld import scenes
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "voc": VOC_CLASSES,
     # Cityscapes' human and vehicle classes (the DiffuMask / SeeDiff evaluation subset)
     "cityscapes": ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"),
+    # the toy world's shapes: what the bundled model can draw
+    "shapes": scenes.CLASSES,
+}
+# Default templates per preset where "a photo of a {class}" is not the model's language: the toy
+# world's caption grammar, one template per background kind.
+PRESET_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "shapes": tuple(
+        f"a {{class}} on a {word} background" for word in scenes.BACKGROUND_WORDS.values()
+    ),
 }
 _NOT_PRESETS = ("pascal", "pascal_voc", "voc2012", "coco", "ade20k", "ade", "cityscapes19", "lvis")
 DEFAULT_TEMPLATE = "a photo of a {class}"
@@ -75,7 +85,7 @@ def spoken(name: str) -> str:
 
 
 def parse_classes(spec: str) -> tuple[str, ...]:
-    """``voc``, ``cityscapes``, ``cat,dog,potted plant`` or ``@file`` (one class per line)."""
+    """``voc``, ``cityscapes``, ``shapes``, ``cat,dog,potted plant`` or ``@file`` (one per line)."""
     spec = spec.strip()
     if spec in PRESETS:
         return PRESETS[spec]
@@ -150,6 +160,8 @@ def make_plan(
     names = parse_classes(classes)
     if items_per_class < 1:
         raise ValueError(f"images per class must be at least 1, got {items_per_class}")
-    temps = tuple(check_template(t) for t in templates) or (DEFAULT_TEMPLATE,)
+    temps = tuple(check_template(t) for t in templates) or PRESET_TEMPLATES.get(
+        classes.strip(), (DEFAULT_TEMPLATE,)
+    )
     prompts = read_prompts(Path(prompt_file), names) if prompt_file else ()
     return Plan(names, items_per_class, temps, prompts)

@@ -73,3 +73,24 @@ def preview_dataset(dataset: Path, out: Path, count: int = 8, tile: int = 160) -
     if not rows:
         raise ValueError(f"{manifest} lists no items yet")
     return write_sheet(rows, Path(out), tile)
+
+
+# The sheet's default prompts: one per toy-world class, in the world's caption grammar.
+SHEET_PROMPTS = (
+    ("a red star on a plain background", ("star",)),
+    ("a blue circle on a striped background", ("circle",)),
+    ("a yellow triangle on a checkered background", ("triangle",)),
+    ("a green heart on a dotted background", ("heart",)),
+    ("a red square and a blue ring on a plain background", ("square", "ring")),
+    ("an orange moon and a purple cross on a gradient background", ("moon", "cross")),
+)
+
+
+def prompt_rows(result) -> list[tuple[str, list[np.ndarray]]]:
+    """Rows of a ``GenerateResult``: image | label overlay | one heat map per class."""
+    rows = []
+    for i, prompt in enumerate(result.prompts):
+        image, labels = result.images[i], result.label_maps[i]
+        soft = [heat(s) for s in result.soft_masks[i]]
+        rows.append((f"{prompt}  [{', '.join(result.classes[i])}]", [image, overlay(image, labels), *soft]))
+    return rows

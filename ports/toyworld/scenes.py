@@ -26,7 +26,7 @@ COLOURS = {
     "black": (25, 25, 25),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient", "noisy")
-_BG_WORDS = {
+BACKGROUND_WORDS = {  # the caption word of each background kind
     "plain": "plain",
     "striped": "striped",
     "checkered": "checkered",
@@ -135,13 +135,17 @@ def sample_objects(rng: np.random.Generator, max_objects: int = 3) -> tuple[Obj,
     return tuple(objs)
 
 
-def caption(objects: tuple[Obj, ...], background: str) -> str:
-    """'a red star and a blue ring on a striped background'."""
-    parts = [
-        f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {CLASSES[o.cls]}" for o in objects
-    ]
+def caption(objects: tuple[Obj, ...], background: str, colours: bool = True) -> str:
+    """'a red star and a blue ring on a striped background' ('a star and a ring on a striped
+    background' without ``colours``)."""
+
+    def name(o: Obj) -> str:
+        words = f"{o.colour} {CLASSES[o.cls]}" if colours else CLASSES[o.cls]
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+    parts = [name(o) for o in objects]
     names = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{names} on a {_BG_WORDS[background]} background"
+    return f"{names} on a {BACKGROUND_WORDS[background]} background"
 
 
 def _shape_mask(o: Obj, size: int) -> np.ndarray:

@@ -18,54 +18,13 @@ import json
 from pathlib import Path
 
 import ports.sd  # noqa: F401  (silences the Flax deprecation message diffusers logs at import)
+from ports.toyworld.vocab import write_clip_tokenizer
 
 # Whole-word tokens of the tiny vocabulary (each also gets its BPE merge chain).
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "potted", "plant", "the", "on", "table")
 
 HIDDEN = 32  # text width == UNet cross_attention_dim
 MAX_LENGTH = 77
-
-
-def _tokenizer_files(folder: Path) -> int:
-    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json; return vocab size."""
-    # Printable ASCII maps to itself under CLIP's bytes_to_unicode, so these are valid byte-level symbols.
-    chars = [chr(c) for c in range(33, 127)]
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars]:
-        vocab[token] = len(vocab)
-    merges: list[str] = []
-    for word in WORDS:
-        # Merge left to right: "p h" -> "ph", "ph o" -> "pho", ..., "phot o</w>" -> "photo</w>".
-        left = word[0]
-        for i, char in enumerate(word[1:], start=1):
-            right = char + "</w>" if i == len(word) - 1 else char
-            merged = left + right
-            if f"{left} {right}" not in merges:
-                merges.append(f"{left} {right}")
-            vocab.setdefault(merged, len(vocab))
-            left = merged
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    specials = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-    }
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MAX_LENGTH,
-        "do_lower_case": True,
-        "errors": "replace",
-        "add_prefix_space": False,
-        **specials,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    return len(vocab)
 
 
 def _perturb(module, generator, std: float = 0.02) -> None:
@@ -103,7 +62,7 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
 
-    vocab_size = _tokenizer_files(path / "tokenizer")
+    vocab_size = write_clip_tokenizer(path / "tokenizer", WORDS, MAX_LENGTH)
 
     unet = UNet2DConditionModel(
         sample_size=16,

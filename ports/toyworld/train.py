@@ -1,0 +1,559 @@
+"""Train the bundled toy Stable Diffusion on the shapes world, from scratch, with optax.
+
+Same architecture classes as a real checkpoint (diffusers' ``AutoencoderKL`` and
+``UNet2DConditionModel``, a CLIP text encoder, a CLIP tokenizer), only small: 64 px images, a VAE that
+downsamples by ``2 ** (len(vae_channels) - 1)`` and a UNet with cross- and self-attention at every
+level (``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` and the cross-attention mid block). The
+bundled model (preset ``cpu``) has 16x16x4 latents and attention at 16, 8 and 4, so SeeDiff has its
+seeds at 4 and two expansion stages 4 -> 8 -> 16: the ratios of SD at 512 px (seeds at image / 32
+there, image / 16 here). The ``gpu`` preset keeps 32x32 latents (attention 32/16/8); on the 2-core
+CPU one step of it costs ~0.3 s per sample against ~0.05 s at 16x16 (measured: 1024-token
+self-attention dominates), too slow to train in two hours.
+
+Two stages, as Stable Diffusion was trained (Rombach et al. 2022, Sec. 3-4):
+
+1. the VAE alone: reconstruction (L1 + L2) of world images plus a KL term weighted 1e-6 (the LDM
+   "KL-reg" autoencoder without its perceptual and adversarial losses, which a flat-shaded world does
+   not need), on random ``vae_crop`` px crops (the VAE is convolutional; LDM trains it on crops
+   too); ``scaling_factor`` is then ``1 / std`` of the latents, as SD's 0.18215 was chosen;
+2. the UNet and the text encoder together on frozen-VAE latents: DDPM epsilon prediction (Ho et al.
+   2020, Eq. 14) under SD's own ``scaled_linear`` schedule (beta 0.00085 -> 0.012, 1000 steps), the
+   caption dropped to the empty prompt 10% of the time for classifier-free guidance (Ho & Salimans
+   2022), colour words dropped from 25% of captions so that prompts naming only shapes work too, an
+   exponential moving average of the weights (what is saved).
+
+The whole training set is rendered once (in worker processes) and kept on the device; each jitted call
+runs ``chunk`` optimiser steps in a ``lax.scan`` with batches drawn on the device, so nothing
+synchronises with the host inside a chunk.
+
+    jaxmask train-toy --preset cpu --out ports/toyworld/model     # the bundled model: 2-core CPU
+    jaxmask train-toy --preset gpu --out my-toy                     # 32x32 latents, on a GPU
+"""
+
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ports.sd.load import _known as flax_fields
+from ports.toyworld import export, scenes
+from ports.toyworld.vocab import write_clip_tokenizer
+
+SIZE = 64  # image side
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012  # Stable Diffusion's scaled_linear schedule
+WORDS = (
+    *scenes.CLASSES,
+    *scenes.COLOURS,
+    *sorted(set(scenes.BACKGROUND_WORDS.values())),
+    "a",
+    "an",
+    "and",
+    "on",
+    "background",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Sizes, steps and optimiser settings of one training run (``PRESETS`` holds the named ones)."""
+
+    scenes: int = 50_000  # rendered training scenes (each seen many times)
+    vae_steps: int = 2_000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_crop: int = 64  # side of the random crops the VAE trains on
+    kl_weight: float = 1e-6
+    unet_steps: int = 4_000
+    unet_batch: int = 128
+    unet_lr: float = 4e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    null_prompt: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    drop_colours: float = 0.25  # share of captions with the colour words left out
+    chunk: int = 100  # optimiser steps per jitted call (one progress update)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    vae_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 128
+    text_layers: int = 3
+    heads: int = 4
+    weights_dtype: str = "float16"  # storage dtype of the saved weights
+
+    def __post_init__(self):
+        for name in ("scenes", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 8 <= self.vae_crop <= SIZE or self.vae_crop % 2 ** (len(self.vae_channels) - 1):
+            raise ValueError(
+                f"TrainConfig.vae_crop must be in [8, {SIZE}] and a multiple of the VAE's "
+                f"downsampling {2 ** (len(self.vae_channels) - 1)}, got {self.vae_crop}"
+            )
+        if any(c % 32 for c in (*self.unet_channels, *self.vae_channels)):
+            raise ValueError(
+                "channel counts must be multiples of 32 (diffusers' GroupNorm uses 32 groups), got "
+                f"unet {self.unet_channels}, vae {self.vae_channels}"
+            )
+
+    @property
+    def latent_side(self) -> int:
+        """Latent side: the VAE halves the image once per level after the first."""
+        return SIZE // 2 ** (len(self.vae_channels) - 1)
+
+
+PRESETS = {
+    "gpu": TrainConfig(),
+    # The bundled model, sized for the 2-core CPU: 16x16 latents (attention 16/8/4), the VAE on
+    # 32 px crops, a shorter schedule with a higher learning rate and a shorter EMA.
+    "cpu": TrainConfig(
+        scenes=6_000,
+        vae_steps=400,
+        vae_batch=16,
+        vae_crop=32,
+        vae_channels=(32, 64, 64),
+        unet_steps=1_200,
+        unet_batch=24,
+        unet_lr=6e-4,
+        warmup=100,
+        ema_decay=0.995,
+        chunk=20,
+    ),
+    # Seconds: checks the pipeline end to end (tests), not a usable model.
+    "smoke": TrainConfig(
+        scenes=64,
+        vae_steps=4,
+        vae_batch=4,
+        unet_steps=4,
+        unet_batch=4,
+        chunk=2,
+        warmup=1,
+        unet_channels=(32, 32, 32),
+        vae_channels=(32, 32),
+        text_width=32,
+        text_layers=1,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def unet_config(cfg: TrainConfig) -> dict:
+    """``unet/config.json``: diffusers ``UNet2DConditionModel``, attention at every level."""
+    levels = len(cfg.unet_channels)
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": export.DIFFUSERS_VERSION,
+        "sample_size": cfg.latent_side,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * levels,
+        "up_block_types": ["CrossAttnUpBlock2D"] * levels,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": list(cfg.unet_channels),
+        "layers_per_block": 1,
+        "cross_attention_dim": cfg.text_width,
+        "attention_head_dim": cfg.heads,  # diffusers' historical name: the number of heads
+        "use_linear_projection": True,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+    }
+
+
+def vae_config(cfg: TrainConfig, scaling_factor: float = 1.0) -> dict:
+    """``vae/config.json``: diffusers ``AutoencoderKL`` downsampling by 2 ** (levels - 1)."""
+    levels = len(cfg.vae_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": export.DIFFUSERS_VERSION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(cfg.vae_channels),
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": SIZE,
+        "scaling_factor": float(scaling_factor),
+    }
+
+
+def text_config(cfg: TrainConfig, vocab_size: int) -> dict:
+    """``text_encoder/config.json``: transformers ``CLIPTextModel`` (BOS, EOS = the last two ids)."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.text_width,
+        "intermediate_size": 4 * cfg.text_width,
+        "projection_dim": cfg.text_width,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+        "torch_dtype": "float32",
+    }
+
+
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": export.DIFFUSERS_VERSION,
+    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "beta_start": BETA_START,
+    "beta_end": BETA_END,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _render(seeds: list[tuple[int, int]], drop: list[bool]) -> tuple[np.ndarray, list, list]:
+    images, captions, plain = [], [], []
+    for seed, no_colour in zip(seeds, drop):
+        s = scenes.scene(np.random.SeedSequence(seed), SIZE)
+        images.append(s.image)
+        captions.append(s.caption)
+        plain.append(scenes.caption(s.objects, s.background, colours=not no_colour))
+    return np.stack(images), captions, plain
+
+
+def render_dataset(n: int, seed: int, drop_colours: float, workers: int | None = None):
+    """``n`` world scenes (item ``i`` from ``SeedSequence((seed, i))``), rendered in processes.
+
+    Returns ``(images uint8 (n, 64, 64, 3), captions, training captions)``, the training caption
+    having its colour words dropped for a ``drop_colours`` share of items.
+    """
+    rng = np.random.default_rng((seed, 1))
+    drop = (rng.random(n) < drop_colours).tolist()
+    seeds = [(seed, i) for i in range(n)]
+    workers = workers or max(1, min(16, multiprocessing.cpu_count()))
+    size = math.ceil(n / (workers * 4))
+    parts = [(seeds[i : i + size], drop[i : i + size]) for i in range(0, n, size)]
+    if workers == 1 or n < 512:
+        results = [_render(*p) for p in parts]
+    else:  # spawn: the workers import numpy and the world only, never jax
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(pool.map(_render, *zip(*parts)))
+    images = np.concatenate([r[0] for r in results])
+    captions = [c for r in results for c in r[1]]
+    train_captions = [c for r in results for c in r[2]]
+    return images, captions, train_captions
+
+
+def tokenize_all(tokenizer, captions: list[str]) -> np.ndarray:
+    """Token ids ``int32 (n, 77)`` of many captions (each distinct caption tokenized once)."""
+    from ports.sd.tokenizer import tokenize
+
+    unique = sorted(set(captions))
+    ids = tokenize(tokenizer, unique)
+    index = {c: i for i, c in enumerate(unique)}
+    return ids[np.array([index[c] for c in captions])]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
+    warmup = min(warmup, max(steps - 1, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
+
+
+def _optimizer(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(_schedule(lr, steps, warmup), b2=0.99, weight_decay=1e-4),
+    )
+
+
+def _images_nchw(batch_uint8: jax.Array, key: jax.Array) -> jax.Array:
+    """uint8 NHWC -> float32 NCHW in [-1, 1], each image flipped left-right with probability 1/2."""
+    x = batch_uint8.astype(jnp.float32) / 127.5 - 1.0
+    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+    x = jnp.where(flip, x[:, :, ::-1], x)
+    return x.transpose(0, 3, 1, 2)
+
+
+def _crops(batch: jax.Array, side: int, key: jax.Array) -> jax.Array:
+    """A random ``side`` x ``side`` crop of each NHWC image (the whole image when ``side`` is its side)."""
+    n, h, w, _ = batch.shape
+    corners = jax.random.randint(key, (n, 2), 0, jnp.array([h - side + 1, w - side + 1]))
+
+    def crop(image, corner):
+        return jax.lax.dynamic_slice(image, (corner[0], corner[1], 0), (side, side, image.shape[-1]))
+
+    return jax.vmap(crop)(batch, corners)
+
+
+def _run_chunks(
+    step: Callable,
+    state,
+    steps: int,
+    chunk: int,
+    key: jax.Array,
+    data,
+    label: str,
+    progress: bool,
+    deadline: float | None = None,
+) -> tuple[object, list[float]]:
+    """Run ``steps`` jitted optimiser steps ``step(state, key, data)``; return the state and the
+    mean loss of every ``chunk`` steps.
+
+    Steps are dispatched asynchronously and the host waits once per chunk (the progress line).
+    The training data is an argument, not a closed-over constant, and each step is its own call:
+    on XLA's CPU backend a ``lax.scan`` of these steps, or a closed-over dataset, ran an order of
+    magnitude slower than separate calls (measured with jax 0.10.2). Stops early, after the chunk
+    that passes ``deadline`` (a ``time.perf_counter()`` value), if given.
+    """
+    one = jax.jit(step, donate_argnums=0)
+    curve: list[float] = []
+    done = 0
+    start = time.perf_counter()
+    while done < steps:
+        n = min(chunk, steps - done)
+        losses = []
+        for i in range(n):
+            state, loss = one(state, jax.random.fold_in(key, done + i), data)
+            losses.append(loss)
+        loss = float(jnp.mean(jnp.stack(losses)))  # one host sync per chunk: the progress line
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{label}: loss became {loss} at step {done + n}; lower the learning rate"
+            )
+        curve.append(round(loss, 5))
+        done += n
+        if deadline is not None and time.perf_counter() > deadline and done < steps:
+            if progress:
+                print(f"\n{label}: time budget reached at step {done}", file=sys.stderr)
+            break
+        if progress:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (steps - done)
+            bar = "#" * int(30 * done / steps)
+            print(
+                f"\r{label} [{bar:<30}] {done}/{steps} loss {loss:.4f} "
+                f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+    if progress:
+        print(file=sys.stderr)
+    return state, curve
+
+
+def train_vae(vae, params, images: jax.Array, cfg: TrainConfig, key, progress=True):
+    """Stage 1: the KL autoencoder (reconstruction L1 + L2 + ``kl_weight`` x KL)."""
+    tx = _optimizer(cfg.vae_lr, cfg.vae_steps, cfg.warmup)
+
+    def loss_fn(p, x, key):
+        posterior = vae.apply({"params": p}, x, method=vae.encode).latent_dist
+        z = posterior.mean + posterior.std * jax.random.normal(key, posterior.mean.shape)
+        recon = vae.apply({"params": p}, z, method=vae.decode).sample
+        kl = 0.5 * jnp.mean(
+            jnp.sum(posterior.mean**2 + posterior.var - 1.0 - posterior.logvar, axis=(1, 2, 3))
+        )
+        err = recon - x
+        return jnp.mean(jnp.abs(err)) + jnp.mean(err**2) + cfg.kl_weight * kl
+
+    def step(state, key, images):
+        p, opt = state
+        k_idx, k_crop, k_flip, k_z = jax.random.split(key, 4)
+        idx = jax.random.randint(k_idx, (cfg.vae_batch,), 0, images.shape[0])
+        x = _images_nchw(_crops(images[idx], cfg.vae_crop, k_crop), k_flip)
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, k_z)
+        updates, opt = tx.update(grads, opt, p)
+        return (optax.apply_updates(p, updates), opt), loss
+
+    (params, _), curve = _run_chunks(
+        step, (params, tx.init(params)), cfg.vae_steps, cfg.chunk, key, images, "vae ", progress
+    )
+    return params, curve
+
+
+def encode_dataset(vae, params, images: jax.Array, batch: int = 256):
+    """Posterior mean and std of every image, NCHW float32 (the UNet's training targets)."""
+
+    @jax.jit
+    def enc(x):
+        x = x.astype(jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        post = vae.apply({"params": params}, x, method=vae.encode).latent_dist
+        return post.mean.transpose(0, 3, 1, 2), post.std.transpose(0, 3, 1, 2)
+
+    parts = [enc(images[i : i + batch]) for i in range(0, images.shape[0], batch)]
+    return jnp.concatenate([m for m, _ in parts]), jnp.concatenate([s for _, s in parts])
+
+
+def alphas_cumprod() -> jax.Array:
+    """SD's ``scaled_linear`` schedule: betas linear in sqrt space, cumulative product of 1 - beta."""
+    betas = jnp.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS) ** 2
+    return jnp.cumprod(1.0 - betas)
+
+
+def train_unet(
+    unet, text, params, latents, ids, null_ids, cfg, key, progress=True, deadline=None
+):
+    """Stage 2: UNet + text encoder, epsilon prediction with caption dropout; returns EMA params."""
+    mean, std = latents
+    acp = alphas_cumprod()
+    scaling = 1.0 / jnp.std(mean)  # unit-variance latents, as SD's 0.18215
+    tx = _optimizer(cfg.unet_lr, cfg.unet_steps, cfg.warmup)
+
+    def loss_fn(p, z0, tokens, key):
+        k_t, k_noise = jax.random.split(key)
+        t = jax.random.randint(k_t, (z0.shape[0],), 0, NUM_TRAIN_TIMESTEPS)
+        noise = jax.random.normal(k_noise, z0.shape)
+        a = acp[t][:, None, None, None]
+        noisy = jnp.sqrt(a) * z0 + jnp.sqrt(1.0 - a) * noise
+        context = text.apply({"params": p["text"]}, tokens)
+        pred = unet.apply({"params": p["unet"]}, noisy, t, context).sample
+        return jnp.mean((pred - noise) ** 2)
+
+    def step(state, key, data):
+        mean, std, ids = data
+        p, ema, opt, i = state
+        k_idx, k_z, k_flip, k_null, k_loss = jax.random.split(key, 5)
+        idx = jax.random.randint(k_idx, (cfg.unet_batch,), 0, mean.shape[0])
+        z0 = mean[idx] + std[idx] * jax.random.normal(k_z, mean[idx].shape)
+        # Flip latents left-right: the VAE is convolutional, so this is the latent of the flipped image.
+        flip = jax.random.bernoulli(k_flip, 0.5, (cfg.unet_batch, 1, 1, 1))
+        z0 = jnp.where(flip, z0[..., ::-1], z0) * scaling
+        null = jax.random.bernoulli(k_null, cfg.null_prompt, (cfg.unet_batch, 1))
+        tokens = jnp.where(null, null_ids[None], ids[idx])
+        loss, grads = jax.value_and_grad(loss_fn)(p, z0, tokens, k_loss)
+        updates, opt = tx.update(grads, opt, p)
+        p = optax.apply_updates(p, updates)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + i) / (10.0 + i))
+        ema = jax.tree_util.tree_map(lambda e, w: decay * e + (1 - decay) * w, ema, p)
+        return (p, ema, opt, i + 1), loss
+
+    ema = jax.tree_util.tree_map(jnp.copy, params)  # its own buffers: the step donates its state
+    state = (params, ema, tx.init(params), jnp.zeros((), jnp.float32))
+    (_, ema, _, _), curve = _run_chunks(
+        step, state, cfg.unet_steps, cfg.chunk, key, (mean, std, ids), "unet", progress, deadline
+    )
+    return ema, curve, float(scaling)
+
+
+def train(
+    out: str | Path,
+    cfg: TrainConfig = PRESETS["gpu"],
+    seed: int = 0,
+    progress: bool = True,
+    max_minutes: float | None = None,
+) -> dict:
+    """Train from scratch and write a diffusers-format folder to ``out``; return the training record.
+
+    ``max_minutes`` caps the wall time: the UNet stage stops after the chunk that passes it (the
+    record's ``unet_steps_done`` says where), so a time-limited machine still saves a model.
+
+    The record (also written as ``out/training.json``) holds the command, seed, config, device,
+    stage timings and per-chunk loss curves.
+    """
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
+
+    started = time.perf_counter()
+    key = jax.random.key(seed)
+    k_vae_init, k_vae, k_unet_init, k_text_init, k_unet = jax.random.split(key, 5)
+    timings = {}
+
+    t0 = time.perf_counter()
+    images_np, _, train_captions = render_dataset(cfg.scenes, seed, cfg.drop_colours)
+    timings["render_s"] = round(time.perf_counter() - t0, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_clip_tokenizer(tmp, WORDS)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        ids = jnp.asarray(tokenize_all(tokenizer, train_captions))
+        null_ids = jnp.asarray(tokenize_all(tokenizer, [""])[0])
+    images = jnp.asarray(images_np)
+    if progress:
+        print(
+            f"{cfg.scenes} scenes rendered in {timings['render_s']} s on {jax.devices()[0]}",
+            file=sys.stderr,
+        )
+
+    vae_cfg = vae_config(cfg)
+    vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, vae_cfg))
+    vae_params = jax.jit(vae.init_weights)(k_vae_init)  # jitted: eager init is minutes on a CPU
+    t0 = time.perf_counter()
+    vae_params, vae_curve = train_vae(vae, vae_params, images, cfg, k_vae, progress)
+    latents = encode_dataset(vae, vae_params, images)
+    timings["vae_s"] = round(time.perf_counter() - t0, 1)
+
+    u_cfg = unet_config(cfg)
+    unet = FlaxUNet2DConditionModel.from_config(flax_fields(FlaxUNet2DConditionModel, u_cfg))
+    t_cfg = text_config(cfg, vocab_size)
+    text = CLIPTextEncoder(CLIPTextConfig.from_dict(t_cfg))
+    params = {
+        "unet": jax.jit(unet.init_weights)(k_unet_init),
+        "text": text.init(k_text_init, null_ids[None])["params"],
+    }
+    t0 = time.perf_counter()
+    deadline = None if max_minutes is None else started + 60.0 * max_minutes
+    ema, unet_curve, scaling = train_unet(
+        unet, text, params, latents, ids, null_ids, cfg, k_unet, progress, deadline
+    )
+    timings["unet_s"] = round(time.perf_counter() - t0, 1)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+
+    device = jax.devices()[0]
+    record = {
+        "command": " ".join(["jaxmask", "train-toy", *sys.argv[2:]])
+        if sys.argv[1:2] == ["train-toy"]
+        else " ".join(sys.argv),
+        "seed": seed,
+        "config": dataclasses.asdict(cfg),
+        "device": f"{device.device_kind} ({device.platform})",
+        "host": platform.machine(),
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "timings": timings,
+        "scaling_factor": round(scaling, 6),
+        "loss_every_steps": cfg.chunk,
+        "unet_steps_done": min(cfg.unet_steps, len(unet_curve) * cfg.chunk),
+        "vae_loss": vae_curve,
+        "unet_loss": unet_curve,
+    }
+    export.save_pipeline(
+        out,
+        unet_config=u_cfg,
+        unet_params=ema["unet"],
+        vae_config=vae_config(cfg, scaling),
+        vae_params=vae_params,
+        text_config=t_cfg,
+        text_params=ema["text"],
+        words=WORDS,
+        scheduler_config=SCHEDULER_CONFIG,
+        dtype=np.dtype(cfg.weights_dtype),
+        extra_files={"training.json": json.dumps(record, indent=1) + "\n"},
+    )
+    return record
+
