@@ -1,5 +1,6 @@
 """Generate images with masks from a Stable Diffusion checkpoint.
 
+    python examples/01_generate.py                                   # the bundled toy model
     python examples/01_generate.py path/to/diffusers-folder-or-hub-id "a photo of a cat" cat
 
 Writes image.png and labels.png (VOC palette) in the current folder.
@@ -14,7 +15,7 @@ from PIL import Image
 import jaxmask
 from jaxmask.labels import VOC_PALETTE
 
-model, prompt, *classes = sys.argv[1:] or [None, "a photo of a cat", "cat"]
+model, prompt, *classes = sys.argv[1:] or [None, "a red star on a striped background", "star"]
 pipe = jaxmask.load(model)
 result = pipe.generate([prompt], jax.random.key(0), classes=classes, method="seediff-code")
 Image.fromarray(result.images[0]).save("image.png")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from ports import compile_cache
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
@@ -71,6 +73,9 @@ def generate(
     ),
     num_processes: int = typer.Option(None, help="multi-host: number of processes"),
     process_id: int = typer.Option(None, help="multi-host: this process's id"),
+    compilation_cache: str = typer.Option(
+        compile_cache.DEFAULT, help="folder for compiled programs reused by later runs; 'none' for off"
+    ),
 ) -> None:
     """Generate a segmentation dataset: images, label maps (VOC palette, 255 ignore), a manifest.
     Resumes an interrupted run; on several hosts each writes its share."""
@@ -81,6 +86,10 @@ def generate(
     from ports.scale import hosts
 
     hosts.initialize_distributed(coordinator, num_processes, process_id)
+    try:
+        compile_cache.enable(compilation_cache)
+    except OSError as err:
+        _fail(err)
     if classes is None:
         classes = "voc" if model else "shapes"
     try:
@@ -168,6 +177,9 @@ def sheet(
     guidance: float = typer.Option(7.5),
     seed: int = typer.Option(0),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
+    compilation_cache: str = typer.Option(
+        compile_cache.DEFAULT, help="folder for compiled programs reused by later runs; 'none' for off"
+    ),
 ) -> None:
     """A contact sheet for a few prompts: image | label overlay | per-class soft maps."""
     from ports import render
@@ -190,6 +202,7 @@ def sheet(
     from ports import api
 
     try:
+        compile_cache.enable(compilation_cache)
         pipe = api.load(model)
         rows = []
         # One generate call per class count (a batch shares the number of classes).

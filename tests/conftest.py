@@ -3,6 +3,8 @@ promotion where the core runs, one tolerance table, a tree-compare helper."""
 
 import os
 
+# Hermetic runs: the commands' persistent compilation cache is off unless a test turns it on.
+os.environ.setdefault("JAXMASK_COMPILATION_CACHE", "none")
 # Four simulated CPU devices so mesh and sharding tests run on a laptop. Must precede jax import.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (

@@ -130,11 +130,3 @@ def test_errors(pipe):
     with pytest.raises(ValueError, match="prompts is empty"):
         pipe.generate([], 0)
     assert pipe.sampler.cache_size() == compiled  # every error is raised before sampling
-
-
-def test_no_model_is_a_clear_error():
-    message = "pass a diffusers-format folder or hub id; the bundled toy model is not yet shipped"
-    with pytest.raises(ValueError, match=message):
-        jaxmask.load()
-    with pytest.raises(ValueError, match=message):
-        jaxmask.generate("a photo of a cat", 0)

@@ -398,7 +398,7 @@ BAD_INPUTS = {
     "param of the wrong type": (["--param", "beta=abc"], ["beta=abc", "e.g. beta=0.5"]),
     "param the model cannot take": (["--param", "seed_resolution=32"], ["32", "16"]),
     "size the UNet cannot take": (["--size", "50"], ["multiple of", "64"]),
-    "no model": (["--model", None], ["pass", "model"]),
+    "model folder missing": (["--model", "/nonexistent/sd"], ["/nonexistent/sd", "Hub id"]),
     "prompt without its class word": (["--prompts", "PROMPTS"], ["kitten", "cat"]),
 }
 

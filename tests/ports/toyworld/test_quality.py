@@ -9,7 +9,7 @@ import pytest
 from ports.toyworld import quality, scenes
 
 # The tiny UNet attends at sides 16 and 8 only: the methods' default sides (finest / 4) are not
-# there, so the overrides pick 8 (the toy model, 32/16/8, needs none).
+# there, so the overrides pick 8 (the bundled toy model, 16/8/4, needs none).
 OVERRIDES = {
     "ca_sa": {"cross_resolution": 8},
     "seediff-paper": {"seed_resolution": 8},

@@ -1,0 +1,89 @@
+"""Training the toy Stable Diffusion: its pieces against references, and the whole command on the
+``smoke`` preset (seconds of training; the folder must load and generate through the normal API)."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ports.toyworld import train
+
+
+def test_schedule_is_stable_diffusions():
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler.from_config(train.SCHEDULER_CONFIG).alphas_cumprod.numpy()
+    np.testing.assert_allclose(np.asarray(train.alphas_cumprod()), reference, rtol=1e-5)
+
+
+def test_crops_are_windows_of_each_image():
+    images = jnp.arange(3 * 8 * 8 * 2).reshape(3, 8, 8, 2)
+    key = jax.random.key(4)
+    crops = np.asarray(train._crops(images, 4, key))
+    corners = np.asarray(jax.random.randint(key, (3, 2), 0, jnp.array([5, 5])))
+    for i, (y, x) in enumerate(corners):
+        np.testing.assert_array_equal(crops[i], np.asarray(images)[i, y : y + 4, x : x + 4])
+    np.testing.assert_array_equal(train._crops(images, 8, key), images)  # full side: identity
+
+
+def test_config_errors_say_what_to_fix():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        train.TrainConfig(unet_channels=(48, 64))
+    with pytest.raises(ValueError, match="vae_crop must be in"):
+        train.TrainConfig(vae_channels=(32, 64, 64), vae_crop=30)
+    with pytest.raises(ValueError, match="unet_steps must be >= 1"):
+        train.TrainConfig(unet_steps=0)
+    assert train.PRESETS["cpu"].latent_side == 16 and train.PRESETS["gpu"].latent_side == 32
+
+
+def test_run_chunks_averages_per_chunk_and_stops_at_the_deadline():
+    def step(state, key, data):
+        return state + data, state.astype(jnp.float32)  # loss = the step index
+
+    state, curve = train._run_chunks(step, jnp.int32(0), 7, 3, jax.random.key(0), 1, "t", False)
+    assert int(state) == 7 and curve == [1.0, 4.0, 6.0]  # means of 0..2, 3..5, 6
+    state, curve = train._run_chunks(
+        step, jnp.int32(0), 9, 3, jax.random.key(0), 1, "t", False, deadline=0.0
+    )
+    assert int(state) == 3 and curve == [1.0]  # the first chunk passes a deadline in the past
+
+    def bad(state, key, data):
+        return state, jnp.float32(jnp.nan)
+
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train._run_chunks(bad, jnp.int32(0), 2, 1, jax.random.key(0), 1, "unet", False)
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy") / "model"
+    record = train.train(folder, train.PRESETS["smoke"], seed=3, progress=False)
+    return folder, record
+
+
+def test_smoke_training_writes_a_loadable_model_and_its_record(smoke_model):
+    import jaxmask
+
+    folder, record = smoke_model
+    cfg = train.PRESETS["smoke"]
+    on_disk = json.loads((folder / "training.json").read_text())
+    assert on_disk["seed"] == 3 and on_disk["config"]["unet_steps"] == cfg.unet_steps
+    assert len(on_disk["vae_loss"]) == math.ceil(cfg.vae_steps / cfg.chunk)
+    assert len(on_disk["unet_loss"]) == math.ceil(cfg.unet_steps / cfg.chunk)
+    assert all(math.isfinite(v) for v in on_disk["vae_loss"] + on_disk["unet_loss"])
+    assert on_disk["scaling_factor"] == record["scaling_factor"] > 0
+
+    pipe = jaxmask.load(folder)
+    assert pipe.native_size == train.SIZE
+    assert pipe.resolutions() == (8, 16, 32)  # attention at every level: seeds at 8, two stages
+    out = pipe.generate(
+        ["a red star on a plain background", "a ring on a striped background"],
+        0,
+        classes=[["star"], ["ring"]],
+        steps=2,
+    )
+    assert out.images.shape == (2, 64, 64, 3) and out.label_maps.shape == (2, 64, 64)
+    assert np.isfinite(out.soft_masks).all()
