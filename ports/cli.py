@@ -225,6 +225,16 @@ def sheet(
     typer.echo(f"contact sheet: {path}")
 
 
+def _window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        start, stop = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--window {text!r} must be START,STOP, e.g. 0,0.5") from None
+    return start, stop
+
+
 def _split_param(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ValueError(f"method parameter {text!r} must be NAME=VALUE, e.g. beta=0.5")
@@ -348,6 +358,10 @@ def quality(
     param: list[str] = typer.Option(
         [], help="METHOD:NAME=VALUE method override, e.g. seediff-code:seed_resolution=8"
     ),
+    window: str = typer.Option(
+        None, help="capture only in START,STOP (fractions of the steps), e.g. 0,0.5"
+    ),
+    every: int = typer.Option(None, min=1, help="capture every k-th step"),
 ) -> None:
     """Measure mask quality on the toy world: every method (with and without PAMR) against a
     supervised oracle on generated images, and a segmenter trained on jaxmask's pairs tested on
@@ -373,6 +387,8 @@ def quality(
             oracle_steps=oracle_steps,
             method_overrides=overrides,
             oracle_cache=None if oracle_cache == "none" else Path(oracle_cache).expanduser(),
+            window=_window(window),
+            every=every,
         )
     except (ValueError, OSError) as err:
         _fail(err)

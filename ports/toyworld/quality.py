@@ -150,6 +150,8 @@ def measure(
     synthetic: tuple[str, bool] = ("seediff-code", False),
     oracle_cache: str | os.PathLike | None = None,
     segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+    window: tuple[float, float] | None = None,
+    every: int | None = None,
 ) -> dict:
     """Measure the masks of ``model`` on the toy world (see the module docstring); a JSON-able dict.
 
@@ -174,6 +176,8 @@ def measure(
       synthetic: ``(method, pamr)`` whose label maps train the synthetic-data segmenter.
       oracle_cache: a folder: the oracle is loaded from it when one trained with the same settings
         is there, else trained and saved into it.
+      window, every: replace every method's ``CaptureSpec.step_window`` (fractions of the steps)
+        and ``every`` (keep every k-th step): what capturing fewer steps costs in mask quality.
 
     Returns:
       A dict with ``config``, ``model``, ``device``, ``oracle``, ``rows`` (one per method x pamr),
@@ -224,6 +228,11 @@ def measure(
         size = pipe.native_size
         resolutions = pipe.resolutions(size)
         groups = capture_groups(configs, resolutions)  # raises for an unservable method
+        changes = {"step_window": None if window is None else tuple(map(float, window))}
+        changes["every"] = every
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            groups = [(dataclasses.replace(spec, **changes), names) for spec, names in groups]
         items = prompts(per_class, seed)
         key = jax.random.key(seed)
         seg_key = jax.random.fold_in(key, _SEGMENTER_KEY)
@@ -387,6 +396,8 @@ def measure(
             "size": size,
             "resolutions": list(resolutions),
             "capture_runs": [names for _, names in groups],
+            "step_window": list(groups[0][0].step_window),
+            "every": groups[0][0].every,
             "steps": steps,
             "guidance": guidance,
             "scheduler": scheduler,
@@ -474,7 +485,8 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
         (
             f"- {c['images']} generated images ({c['per_class']} per class, {c['size']} px, "
             f"{c['steps']} {c['scheduler']} steps, guidance {c['guidance']}), attention sides "
-            f"{c['resolutions']}, seed {c['seed']}"
+            f"{c['resolutions']}, seed {c['seed']}; maps summed over steps in "
+            f"{tuple(c.get('step_window', (0.0, 1.0)))} of the run, every {c.get('every', 1)}"
         ),
         (
             f"- segmenter: conv UNet {tuple(c['segmenter']['features'])}, "

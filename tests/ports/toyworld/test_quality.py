@@ -93,6 +93,17 @@ def test_oracle_cache_is_reused(pipe, result, tmp_path):
     assert second["rows"] == first["rows"] == result["rows"][:1]
 
 
+def test_capture_window_and_stride_reach_the_sampler(pipe, result):
+    shrunk = {**SHRUNK, "methods": ("ca",), "pamr": (False,)}
+    windowed = quality.measure(
+        pipe, seed=0, **shrunk, synthetic=("ca", False), window=(0.0, 0.5), every=2
+    )
+    assert windowed["config"]["step_window"] == [0.0, 0.5] and windowed["config"]["every"] == 2
+    assert result["config"]["step_window"] == [0.0, 1.0] and result["config"]["every"] == 1
+    with pytest.raises(ValueError, match="step_window"):
+        quality.measure(pipe, **shrunk, synthetic=("ca", False), window=(0.5, 0.2))
+
+
 def test_bad_input_says_what_to_do(pipe):
     with pytest.raises(ValueError, match="seed_resolution"):
         quality.measure(pipe, **{**SHRUNK, "method_overrides": None})
@@ -149,11 +160,15 @@ def test_cli_writes_the_page(monkeypatch, tmp_path, result):
     out, js = tmp_path / "q.md", tmp_path / "q.json"
     args = ["quality", "--model", "m", "-n", "3", "--seed", "5", "--out", str(out)]
     args += ["--json", str(js), "--param", "seediff-code:seed_resolution=8"]
+    args += ["--window", "0,0.5", "--every", "2"]
     run = CliRunner().invoke(cli.app, [*args, "--oracle-cache", "none"])
     assert run.exit_code == 0, run.output
     assert seen["per_class"] == 3 and seen["seed"] == 5 and seen["oracle_cache"] is None
     assert seen["method_overrides"] == {"seediff-code": {"seed_resolution": 8}}
+    assert seen["window"] == (0.0, 0.5) and seen["every"] == 2
     assert "| ca | no |" in out.read_text() and "| ca | no |" in run.output
     assert json.loads(js.read_text())["rows"] == result["rows"]
     bad = CliRunner().invoke(cli.app, ["quality", "--param", "beta=0.5", "--out", str(out)])
     assert bad.exit_code == 2 and "METHOD:NAME=VALUE" in bad.output
+    bad = CliRunner().invoke(cli.app, ["quality", "--window", "half", "--out", str(out)])
+    assert bad.exit_code == 2 and "START,STOP" in bad.output
