@@ -74,7 +74,8 @@ def generate(
     num_processes: int = typer.Option(None, help="multi-host: number of processes"),
     process_id: int = typer.Option(None, help="multi-host: this process's id"),
     compilation_cache: str = typer.Option(
-        compile_cache.DEFAULT, help="folder for compiled programs reused by later runs; 'none' for off"
+        compile_cache.DEFAULT,
+        help="folder for compiled programs reused by later runs; 'none' for off",
     ),
 ) -> None:
     """Generate a segmentation dataset: images, label maps (VOC palette, 255 ignore), a manifest.
@@ -178,7 +179,8 @@ def sheet(
     seed: int = typer.Option(0),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     compilation_cache: str = typer.Option(
-        compile_cache.DEFAULT, help="folder for compiled programs reused by later runs; 'none' for off"
+        compile_cache.DEFAULT,
+        help="folder for compiled programs reused by later runs; 'none' for off",
     ),
 ) -> None:
     """A contact sheet for a few prompts: image | label overlay | per-class soft maps."""

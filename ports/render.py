@@ -92,5 +92,7 @@ def prompt_rows(result) -> list[tuple[str, list[np.ndarray]]]:
     for i, prompt in enumerate(result.prompts):
         image, labels = result.images[i], result.label_maps[i]
         soft = [heat(s) for s in result.soft_masks[i]]
-        rows.append((f"{prompt}  [{', '.join(result.classes[i])}]", [image, overlay(image, labels), *soft]))
+        rows.append(
+            (f"{prompt}  [{', '.join(result.classes[i])}]", [image, overlay(image, labels), *soft])
+        )
     return rows

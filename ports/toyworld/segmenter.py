@@ -22,8 +22,6 @@ gradient.
 """
 
 import dataclasses
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxmask.metrics import confusion_matrix, iou, mean_iou
+from ports.toyworld.progress import reporter
 
 IGNORE = 255
 NUM_CLASSES = 9  # background + scenes.CLASSES
@@ -257,7 +256,7 @@ def train(
     images = jnp.asarray(first_images)
     labels = jnp.asarray(first_labels)
     losses = []
-    report = _reporter(progress, steps, label)
+    report = reporter(progress, steps, label)
     every = max(1, steps // 50)
     for i in range(steps):
         if iterator is not None and i > 0:
@@ -273,28 +272,6 @@ def _as_iterator(data) -> Iterator | None:
     if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         return None
     return iter(data)
-
-
-def _reporter(progress, steps: int, label: str) -> Callable[[int, float], None]:
-    if callable(progress):
-        return progress
-    if not progress:
-        return lambda done, value: None
-    start = time.perf_counter()
-
-    def report(done, value):
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done * (steps - done)
-        bar = "#" * int(30 * done / steps)
-        print(
-            f"\r{label} [{bar:<30}] {done}/{steps} loss {value:.4f} "
-            f"{elapsed:.0f} s, eta {eta:.0f} s",
-            end="\n" if done == steps else "",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return report
 
 
 def _argmax(params, images, cfg):

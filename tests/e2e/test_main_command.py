@@ -19,7 +19,7 @@ README = Path(__file__).parents[2] / "README.md"
 def main_command() -> list[str]:
     """The ``jaxmask ...`` arguments of the README's first quick-start command."""
     quick = README.read_text().split("## Quick start", 1)[1]
-    line = re.search(r"```bash\n(.*?)\n```", quick, re.S).group(1)
+    line = re.search(r"```bash\n(.*?)\n```", quick, re.DOTALL).group(1)
     command = line.split("&&")[-1].strip()
     words = shlex.split(command)
     assert words[0] == "jaxmask", command

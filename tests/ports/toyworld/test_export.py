@@ -32,8 +32,10 @@ def exported(tmp_path_factory):
     words = train.WORDS
     folder = tmp_path_factory.mktemp("export") / "toy"
     vocab = export.write_clip_tokenizer(tmp_path_factory.mktemp("vocab"), words)
-    u_cfg, v_cfg, t_cfg = train.unet_config(CFG), train.vae_config(CFG, 0.7), train.text_config(
-        CFG, vocab
+    u_cfg, v_cfg, t_cfg = (
+        train.unet_config(CFG),
+        train.vae_config(CFG, 0.7),
+        train.text_config(CFG, vocab),
     )
     unet = FlaxUNet2DConditionModel.from_config(_known(FlaxUNet2DConditionModel, u_cfg))
     vae = FlaxAutoencoderKL.from_config(_known(FlaxAutoencoderKL, v_cfg))
@@ -67,7 +69,11 @@ def test_ports_loader_reads_back_the_same_params(exported):
 
     folder, params, _ = exported
     sd = load(folder)
-    for name, loaded in (("unet", sd.unet_params), ("vae", sd.vae_params), ("text", sd.text_params)):
+    for name, loaded in (
+        ("unet", sd.unet_params),
+        ("vae", sd.vae_params),
+        ("text", sd.text_params),
+    ):
         want, got = flatten_dict(params[name]), flatten_dict(jax.device_get(loaded))
         assert set(got) == set(want), name
         for path in want:
@@ -85,7 +91,9 @@ def test_pytorch_diffusers_reads_the_folder_to_the_same_outputs(exported):
     folder, params, (unet, vae, text) = exported
     rng = np.random.default_rng(0)
 
-    pt_unet, info = UNet2DConditionModel.from_pretrained(folder / "unet", output_loading_info=True, **QUIET)
+    pt_unet, info = UNet2DConditionModel.from_pretrained(
+        folder / "unet", output_loading_info=True, **QUIET
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     side = CFG.latent_side
     x = rng.standard_normal((2, 4, side, side)).astype(np.float32)
@@ -103,7 +111,9 @@ def test_pytorch_diffusers_reads_the_folder_to_the_same_outputs(exported):
     assert_rel_close(got, want, 1e-4)
     assert pt_vae.config.scaling_factor == pytest.approx(0.7)
 
-    pt_text, info = CLIPTextModel.from_pretrained(folder / "text_encoder", output_loading_info=True, **QUIET)
+    pt_text, info = CLIPTextModel.from_pretrained(
+        folder / "text_encoder", output_loading_info=True, **QUIET
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     ids = tokenizer(
