@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,9 +31,7 @@ from jaxmask.maps import AttentionMaps, CaptureSpec
 from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
 from ports.sd.sample import Sampler, to_uint8
-
-# The bundled toy model (ports/toyworld/train.py, preset cpu): what ``load()`` gives without a model.
-DEFAULT_MODEL = Path(__file__).parent / "toyworld" / "model"
+from ports.toyworld import MODEL as DEFAULT_MODEL  # what ``load()`` gives without a model
 
 # One example's masks, batched over images (method and PAMR configs static).
 _extract_batch = jax.jit(

@@ -47,9 +47,10 @@ import jaxmask
 from jaxmask.maps import CaptureSpec
 from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT
+from ports import toyworld
 from ports.toyworld import scenes, segmenter
 
-DEFAULT_MODEL = Path(__file__).parent / "model"
+DEFAULT_MODEL = toyworld.MODEL
 METHODS = ("ca", "ca_sa", "seediff-paper", "seediff-code")
 NUM_CLASSES = len(scenes.CLASSES) + 1
 

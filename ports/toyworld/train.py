@@ -22,9 +22,9 @@ Two stages, as Stable Diffusion was trained (Rombach et al. 2022, Sec. 3-4):
    2022), colour words dropped from 25% of captions so that prompts naming only shapes work too, an
    exponential moving average of the weights (what is saved).
 
-The whole training set is rendered once (in worker processes) and kept on the device; each jitted call
-runs ``chunk`` optimiser steps in a ``lax.scan`` with batches drawn on the device, so nothing
-synchronises with the host inside a chunk.
+The whole training set is rendered once (in worker processes) and kept on the device; batches are
+drawn on the device inside each jitted step, and the host waits once per ``chunk`` steps (the
+progress line).
 
     jaxmask train-toy --preset cpu --out ports/toyworld/model     # the bundled model: 2-core CPU
     jaxmask train-toy --preset gpu --out my-toy                     # 32x32 latents, on a GPU
@@ -333,7 +333,11 @@ def _run_chunks(
     times slower than separate calls (measured with jax 0.10.2). Stops early, after the chunk
     that passes ``deadline`` (a ``time.perf_counter()`` value), if given.
     """
-    one = jax.jit(step, donate_argnums=0)
+
+    def keyed(state, i, data):  # the step's key from its index, inside the jit
+        return step(state, jax.random.fold_in(key, i), data)
+
+    one = jax.jit(keyed, donate_argnums=0)
     report = reporter(progress, steps, label)
     curve: list[float] = []
     done = 0
@@ -341,7 +345,7 @@ def _run_chunks(
         n = min(chunk, steps - done)
         losses = []
         for i in range(n):
-            state, loss = one(state, jax.random.fold_in(key, done + i), data)
+            state, loss = one(state, done + i, data)
             losses.append(loss)
         loss = float(jnp.mean(jnp.stack(losses)))  # one host sync per chunk: the progress line
         if not math.isfinite(loss):

@@ -54,10 +54,9 @@ def _real(n: int):
 def test_vae_reconstructs_world_scenes(pipe):
     sd = pipe.sd
     images, _ = _real(8)
-    x = jnp.asarray(images, jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    z = sd.vae.apply({"params": sd.vae_params}, x, method=sd.vae.encode).latent_dist.mean
-    assert z.shape == (8, 16, 16, 4)
-    recon = sd.vae.apply({"params": sd.vae_params}, z.transpose(0, 3, 1, 2), method=sd.vae.decode)
+    z, _ = train.encode_dataset(sd.vae, sd.vae_params, jnp.asarray(images))  # posterior mean
+    assert z.shape == (8, 4, 16, 16)
+    recon = sd.vae.apply({"params": sd.vae_params}, z, method=sd.vae.decode)
     recon = (jnp.clip(recon.sample, -1, 1) + 1) * 127.5
     error = float(jnp.abs(recon.transpose(0, 2, 3, 1) - images).mean())
     assert error < 45.0, error  # grey levels; a constant-grey guess is ~90
@@ -70,12 +69,8 @@ def test_unet_denoises_real_latents_and_listens_to_the_caption(pipe):
 
     sd = pipe.sd
     images, captions = _real(8)
-    x = jnp.asarray(images, jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    z0 = sd.vae.apply({"params": sd.vae_params}, x, method=sd.vae.encode).latent_dist.mean
-    z0 = (
-        z0.transpose(0, 3, 1, 2)
-        * json.loads((MODEL / "vae" / "config.json").read_text())["scaling_factor"]
-    )
+    z0, _ = train.encode_dataset(sd.vae, sd.vae_params, jnp.asarray(images))
+    z0 = z0 * json.loads((MODEL / "vae" / "config.json").read_text())["scaling_factor"]
     text = sd.text_encoder.apply(
         {"params": sd.text_params}, jnp.asarray(tokenize(sd.tokenizer, captions))
     )
