@@ -1,6 +1,7 @@
 """The ``jaxmask`` command. Each command parses, builds a run config, validates, makes one call."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import typer
@@ -411,9 +412,17 @@ def train_toy(
     ),
     seed: int = typer.Option(0, help="data, initialisation and noise all derive from it"),
     max_minutes: float = typer.Option(None, help="stop the UNet stage after this wall time"),
+    cpu_devices: int = typer.Option(
+        None, help="CPU devices to split each batch over (default: one per core, at most 8)"
+    ),
 ) -> None:
     """Train the toy Stable Diffusion (VAE, CLIP text encoder, UNet) on the shapes world from
     scratch and save it in diffusers format (the bundled model was made with --preset cpu)."""
+    import jax
+
+    # XLA runs a CPU device's computation mostly on one thread: one device per core makes the
+    # data-parallel step use every core. Only the CPU backend reads it; it must precede its start.
+    jax.config.update("jax_num_cpu_devices", cpu_devices or min(8, os.cpu_count() or 1))
     from ports.toyworld import train
 
     if preset not in train.PRESETS:

@@ -31,6 +31,12 @@ side is ``r = sqrt(query length)``. Cross maps are kept at ``spec.cross``; self 
 ``spec.self_attn``, from every self layer at ``r`` (``self_layers="mean"``) or only from the first
 layer of the up block at ``r`` (``"first_up"``: ``attentions_0 / transformer_blocks_0``).
 
+Several specs in one run: ``spec`` may be a tuple of ``CaptureSpec`` (one sampling pass for
+methods that cannot share one spec, e.g. SeeDiff-code's first-up self-attention beside a
+layer-mean one). Each spec's maps are sown under ``"cross_g"`` / ``"self_g"`` (``g`` its index);
+the probabilities of a layer are computed once per distinct ``step_norm`` among the specs that
+keep it, and ``step_maps(collection, spec_g, index=g)`` reads spec ``g``'s.
+
 Example::
 
     with intercept_attention(spec):
@@ -41,6 +47,7 @@ Example::
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -119,15 +126,20 @@ def wants(spec: CaptureSpec, layer: Layer | None, kind: str, side: int) -> bool:
 
 
 def intercept_attention(
-    spec: CaptureSpec = NOTHING, *, weight=None, implementation=None, kernel: bool | None = None
+    spec: CaptureSpec | tuple[CaptureSpec, ...] = NOTHING,
+    *,
+    weight=None,
+    implementation=None,
+    kernel: bool | None = None,
 ):
     """A context manager under which the UNet's attention is computed (and captured) here.
 
     Args:
-      spec: what to capture; the empty ``CaptureSpec()`` captures nothing (fused attention only).
+      spec: what to capture; the empty ``CaptureSpec()`` captures nothing (fused attention only);
+        a tuple of specs captures for each (sown as ``kind_g``, see the module docstring).
       weight: optional traced scalar, this step's capture weight: where it is 0 the
         probabilities are not computed (``lax.cond``) and zeros are sown, so a step window costs
-        nothing outside it.
+        nothing outside it. With a tuple of specs, a tuple of weights (one per spec) or None.
       implementation: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"``; None picks
         cuDNN on a GPU where it applies (bf16/fp16, head dim a multiple of 8 and <= 128), XLA
         elsewhere.
@@ -186,18 +198,35 @@ def _attention(module, hidden_states, text, deterministic, spec, weight, impleme
 
     kind = SELF if is_self else CROSS
     side = math.isqrt(n)
-    captured = (
-        side * side == n
-        and module.is_mutable_collection(MAPS)
-        and wants(spec, parse_layer(tuple(module.path)), kind, side)
-    )
-    if captured:
+    if side * side != n or not module.is_mutable_collection(MAPS):
+        return out
+    layer = parse_layer(tuple(module.path))
+    several = isinstance(spec, tuple)
+    specs = spec if several else (spec,)
+    weights = weight if isinstance(weight, tuple) else (weight,) * len(specs)
+    if len(weights) != len(specs):
+        raise ValueError(f"{len(specs)} capture specs but {len(weights)} step weights")
+    keep = [g for g, s in enumerate(specs) if wants(s, layer, kind, side)]
+    for step_norm in dict.fromkeys(specs[g].step_norm for g in keep):  # once per normalisation
+        group = [g for g in keep if specs[g].step_norm == step_norm]
+        gate = _any_weight([weights[g] for g in group])
         probs = _maybe(
-            weight,
-            lambda: conditional_head_mean(query, key, module.scale, spec.step_norm, kernel=kernel),
+            gate,
+            functools.partial(
+                conditional_head_mean, query, key, module.scale, step_norm, kernel=kernel
+            ),
         )
-        module.sow(MAPS, kind, probs, init_fn=lambda: 0.0, reduce_fn=lambda acc, x: acc + x)
+        for g in group:
+            name = f"{kind}_{g}" if several else kind
+            module.sow(MAPS, name, probs, init_fn=lambda: 0.0, reduce_fn=lambda acc, x: acc + x)
     return out
+
+
+def _any_weight(weights):
+    """One gate for specs sharing a computation: None if any is ungated, else their max."""
+    if any(w is None for w in weights):
+        return None
+    return functools.reduce(jnp.maximum, [jnp.asarray(w) for w in weights])
 
 
 def _maybe(weight, compute):
@@ -311,12 +340,13 @@ def _default_implementation(query) -> str:
     return "xla"
 
 
-def step_maps(collection: Mapping | None, spec: CaptureSpec):
+def step_maps(collection: Mapping | None, spec: CaptureSpec, index: int | None = None):
     """One UNet call's sown maps, per resolution.
 
     Args:
       collection: the ``"maps"`` collection ``unet.apply(..., mutable=[MAPS])`` returned (or None).
-      spec: the spec the interceptor ran with.
+      spec: the spec the interceptor ran with (with a tuple of specs: the one at ``index``).
+      index: the spec's position when the interceptor ran with a tuple of specs.
 
     Returns:
       ``(cross, self_attn)``: ``cross = {r: (b, l, r, r, t)}`` with the layers at ``r`` in UNet
@@ -328,9 +358,10 @@ def step_maps(collection: Mapping | None, spec: CaptureSpec):
     """
     found: dict[tuple[str, int], list[tuple[Layer, jax.Array]]] = {}
     for path, value in flatten_dict(dict(collection or {})).items():
-        *module_path, kind = path
+        *module_path, name = path
+        kind, _, g = name.partition("_")
         layer = parse_layer(tuple(module_path))
-        if layer is None:
+        if layer is None or g != ("" if index is None else str(index)):
             continue
         side = math.isqrt(value.shape[1])
         found.setdefault((kind, side), []).append((layer, value))

@@ -51,7 +51,8 @@ class Samples:
       latents: ``(b, c, h/f, w/f)`` float32, the final latents before decoding (diffusers'
         ``output_type="latent"``).
       maps: ``AttentionMaps`` with a leading ``b`` on every array (``jax.vmap`` over it); empty
-        dicts when the spec captures nothing.
+        dicts when the spec captures nothing; a tuple of them, one per spec, when the spec was a
+        tuple.
     """
 
     images: jax.Array
@@ -119,7 +120,7 @@ class Sampler:
         guidance: float = 7.5,
         scheduler: str = "ddim",
         size: int | None = None,
-        spec: CaptureSpec = NOTHING,
+        spec: CaptureSpec | tuple[CaptureSpec, ...] = NOTHING,
     ) -> Samples:
         """Sample ``b`` images and their attention maps.
 
@@ -133,7 +134,8 @@ class Sampler:
           scheduler: ``"ddim"``, ``"pndm"`` or ``"dpm++"``.
           size: square image side in pixels (default: the model's native size); a multiple of
             ``vae_scale_factor * 2 ** (down blocks - 1)``.
-          spec: what to capture (static).
+          spec: what to capture (static); a tuple of specs captures for each in the same run
+            (``Samples.maps`` is then a tuple of ``AttentionMaps``, one per spec).
 
         Returns:
           ``Samples``.
@@ -157,19 +159,21 @@ class Sampler:
             raise ValueError(f"item_ids must have shape ({b},), got {item_ids.shape}")
         size = self.native_size() if size is None else int(size)
         resolutions = self.sd.attention_resolutions(size, size)  # validates the size
-        missing = sorted((set(spec.cross) | set(spec.self_attn)) - set(resolutions))
-        if missing:
-            raise ValueError(
-                f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px this "
-                f"UNet attends at {list(resolutions)}; build the spec from these resolutions"
-            )
         name = schedulers.canonical_name(scheduler)
         calls = self.num_model_calls(steps, name)
-        if _captures(spec) and not any(spec.steps_mask(calls)):
-            raise ValueError(
-                f"the spec's step window {spec.step_window} (every {spec.every}) selects none of "
-                f"the {calls} denoising steps; widen the window or take more steps"
-            )
+        for one in spec if isinstance(spec, tuple) else (spec,):
+            missing = sorted((set(one.cross) | set(one.self_attn)) - set(resolutions))
+            if missing:
+                raise ValueError(
+                    f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px "
+                    f"this UNet attends at {list(resolutions)}; build the spec from these "
+                    "resolutions"
+                )
+            if _captures(one) and not any(one.steps_mask(calls)):
+                raise ValueError(
+                    f"the spec's step window {one.step_window} (every {one.every}) selects none "
+                    f"of the {calls} denoising steps; widen the window or take more steps"
+                )
         sd = self.sd
         params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
         batch = (ids, negative_ids, item_ids)
@@ -203,12 +207,15 @@ class Sampler:
         )
         state = schedulers.init_state(sched, steps, (b, *latent_shape))
         latents = initial_noise(key, item_ids, latent_shape) * state.init_noise_sigma
-        mask = spec.steps_mask(state.timesteps.shape[0])
-        weights = jnp.asarray(mask, jnp.float32)
+        several = isinstance(spec, tuple)
+        specs = spec if several else (spec,)
+        masks = [one.steps_mask(state.timesteps.shape[0]) for one in specs]
+        weights = jnp.asarray(masks, jnp.float32).T  # (steps, specs)
 
         def denoise(latents, t, state, weight):
             x = sched.scale_model_input(state, jnp.concatenate([latents, latents]), t)
-            with intercept_attention(spec, weight=weight):
+            gates = tuple(weight[g] for g in range(len(specs))) if several else weight[0]
+            with intercept_attention(spec, weight=gates):
                 out, variables = sd.unet.apply(
                     {"params": params["unet"]},
                     x.astype(sd.dtype),
@@ -216,13 +223,15 @@ class Sampler:
                     text,
                     mutable=[MAPS],
                 )
-            return out.sample.astype(jnp.float32), step_maps(variables.get(MAPS), spec)
+            collection = variables.get(MAPS)
+            maps = tuple(
+                step_maps(collection, one, g if several else None) if _captures(one) else ({}, {})
+                for g, one in enumerate(specs)
+            )
+            return out.sample.astype(jnp.float32), maps
 
-        if _captures(spec):
-            _, shapes = jax.eval_shape(denoise, latents, state.timesteps[0], state, weights[0])
-            sums = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-        else:
-            sums = ({}, {})
+        _, shapes = jax.eval_shape(denoise, latents, state.timesteps[0], state, weights[0])
+        sums = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
         def body(carry, xs):
             latents, state, sums = carry
@@ -231,22 +240,29 @@ class Sampler:
             eps_uncond, eps_cond = jnp.split(eps, 2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             latents, state = schedulers.step(sched, state, eps, t, latents)
-            sums = jax.tree_util.tree_map(lambda s, m: s + weight * m, sums, maps)
+            sums = tuple(
+                jax.tree_util.tree_map(lambda s, m, w=weight[g]: s + w * m, sums[g], maps[g])
+                for g in range(len(specs))
+            )
             return (latents, state, sums), None
 
-        (latents, _, (cross, self_attn)), _ = jax.lax.scan(
+        (latents, _, sums), _ = jax.lax.scan(
             body, (latents, state, sums), (state.timesteps, weights)
         )
 
-        captured = max(sum(mask), 1)
-        maps = AttentionMaps(
-            cross={r: m / captured for r, m in cross.items()},
-            self_attn={r: m / captured for r, m in self_attn.items()},
-            self_layers=spec.self_layers,
-            resolutions=sd.attention_resolutions(
-                side * sd.vae_scale_factor, side * sd.vae_scale_factor
-            ),
+        resolutions = sd.attention_resolutions(
+            side * sd.vae_scale_factor, side * sd.vae_scale_factor
         )
+        maps = tuple(
+            AttentionMaps(
+                cross={r: m / max(sum(mask), 1) for r, m in cross.items()},
+                self_attn={r: m / max(sum(mask), 1) for r, m in self_attn.items()},
+                self_layers=one.self_layers,
+                resolutions=resolutions,
+            )
+            for one, mask, (cross, self_attn) in zip(specs, masks, sums)
+        )
+        maps = maps if several else maps[0]
         scaling = float(getattr(sd.vae, "scaling_factor", _VAE_SCALING))
         decoded = sd.vae.apply(
             {"params": params["vae"]}, (latents / scaling).astype(sd.dtype), method=sd.vae.decode

@@ -47,7 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ports.scale.mesh import DATA_AXIS, data_mesh
 from ports.sd.load import _known as flax_fields
 from ports.toyworld import export, scenes
 from ports.toyworld.progress import reporter
@@ -124,8 +126,8 @@ PRESETS = {
         vae_batch=16,
         vae_crop=32,
         vae_channels=(32, 64, 64),
-        unet_steps=1_200,
-        unet_batch=24,
+        unet_steps=2_400,
+        unet_batch=32,
         unet_lr=6e-4,
         warmup=100,
         ema_decay=0.995,
@@ -338,6 +340,8 @@ def _run_chunks(
         return step(state, jax.random.fold_in(key, i), data)
 
     one = jax.jit(keyed, donate_argnums=0)
+    replicated = NamedSharding(data_mesh(), PartitionSpec())
+    state, data = jax.device_put((state, data), replicated)
     report = reporter(progress, steps, label)
     curve: list[float] = []
     done = 0
@@ -362,6 +366,17 @@ def _run_chunks(
     return state, curve
 
 
+def _split_batch(tree, batch: int):
+    """Split each step's batch over the local devices ("data" axis; weights and the dataset are
+    replicated), so XLA runs the step data-parallel: on a 2-core CPU with two CPU devices the
+    ``cpu`` preset's UNet step is ~1.3x faster than on one. A batch that does not divide stays
+    on one device's layout (replicated)."""
+    mesh = data_mesh()
+    if mesh.shape[DATA_AXIS] == 1 or batch % mesh.shape[DATA_AXIS]:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
 def train_vae(vae, params, images: jax.Array, cfg: TrainConfig, key, progress=True):
     """Stage 1: the KL autoencoder (reconstruction L1 + L2 + ``kl_weight`` x KL)."""
     tx = _optimizer(cfg.vae_lr, cfg.vae_steps, cfg.warmup)
@@ -380,7 +395,9 @@ def train_vae(vae, params, images: jax.Array, cfg: TrainConfig, key, progress=Tr
         p, opt = state
         k_idx, k_crop, k_flip, k_z = jax.random.split(key, 4)
         idx = jax.random.randint(k_idx, (cfg.vae_batch,), 0, images.shape[0])
-        x = _images_nchw(_crops(images[idx], cfg.vae_crop, k_crop), k_flip)
+        x = _split_batch(
+            _images_nchw(_crops(images[idx], cfg.vae_crop, k_crop), k_flip), cfg.vae_batch
+        )
         loss, grads = jax.value_and_grad(loss_fn)(p, x, k_z)
         updates, opt = tx.update(grads, opt, p)
         return (optax.apply_updates(p, updates), opt), loss
@@ -438,6 +455,7 @@ def train_unet(unet, text, params, latents, ids, null_ids, cfg, key, progress=Tr
         z0 = jnp.where(flip, z0[..., ::-1], z0) * scaling
         null = jax.random.bernoulli(k_null, cfg.null_prompt, (cfg.unet_batch, 1))
         tokens = jnp.where(null, null_ids[None], ids[idx])
+        z0, tokens = _split_batch((z0, tokens), cfg.unet_batch)
         loss, grads = jax.value_and_grad(loss_fn)(p, z0, tokens, k_loss)
         updates, opt = tx.update(grads, opt, p)
         p = optax.apply_updates(p, updates)

@@ -3,11 +3,15 @@
 ``write_clip_tokenizer(folder, words)`` writes what ``transformers.CLIPTokenizer.save_pretrained``
 writes (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) for a
 byte-level BPE whose symbols are the printable ASCII characters (alone and word-final, ``c</w>``) plus
-one whole-word token per listed word, reached by a left-to-right merge chain
-(``s t`` -> ``st``, ``st a`` -> ``sta``, ... , ``sta r</w>`` -> ``star</w>``). Listed words become
-single tokens; any other word still tokenizes, into characters, so no prompt is refused.
+one whole-word token per listed word. Each word's merges are appended after every earlier word's:
+the word is first split the way the merges so far would split it (BPE applies the lowest-ranked
+pair first, so earlier chains run first), then those pieces are merged left to right
+(``st a`` -> ``sta``, ..., ``sta r</w>`` -> ``star</w>``). An earlier word's chain never sees the
+new merges (it is one token before they rank), so every listed word is one token; any other word
+still tokenizes, into characters, so no prompt is refused.
 """
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,16 +30,17 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str], max_length: i
     vocab: dict[str, int] = {}
     for token in chars + [c + "</w>" for c in chars]:
         vocab[token] = len(vocab)
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        left = word[0]
-        for i, char in enumerate(word[1:], start=1):
-            right = char + "</w>" if i == len(word) - 1 else char
-            merged = left + right
-            if f"{left} {right}" not in merges:
-                merges.append(f"{left} {right}")
-            vocab.setdefault(merged, len(vocab))
-            left = merged
+        pieces = _bpe(word, ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
+            ranks.setdefault((left, right), len(ranks))
+            left += right
+            vocab.setdefault(left, len(vocab))
+        if _bpe(word, ranks) != [word + "</w>"]:  # e.g. a word whose pieces repeat a merged pair
+            raise ValueError(f"cannot make {word!r} a single BPE token after {list(ranks)[-1]}")
+    merges = [f"{a} {b}" for a, b in ranks]
     for special in (BOS, EOS):
         vocab[special] = len(vocab)
     folder = Path(folder)
@@ -54,3 +59,27 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str], max_length: i
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return len(vocab)
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one lower-case word (``CLIPTokenizer.bpe``): merge the lowest-ranked adjacent
+    pair until none is left."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [
+            (ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))
+        ]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pair = pieces[i], pieces[i + 1]
+        merged, j = [], 0
+        while j < len(pieces):  # every occurrence of the pair, left to right, as CLIP does
+            if j < len(pieces) - 1 and (pieces[j], pieces[j + 1]) == pair:
+                merged.append(pieces[j] + pieces[j + 1])
+                j += 2
+            else:
+                merged.append(pieces[j])
+                j += 1
+        pieces = merged
+    return pieces

@@ -190,6 +190,36 @@ def test_capture_does_not_change_the_image(sd1, sampler1, pndm_runs):
     )
 
 
+def test_several_specs_in_one_run_equal_separate_runs(sd1, sampler1, pndm_runs):
+    """A tuple of specs: each spec's maps equal its own run's (same images), including specs
+    that differ in self layers, step norm and window, and two that share one computation (same
+    norm, different windows)."""
+    early_max = CaptureSpec(cross=(16,), step_norm="max", step_window=(0.0, 0.5))
+    early_mean = CaptureSpec(cross=(8,), self_attn=(8, 16), step_window=(0.0, 0.6))
+    specs = (SPEC_PNDM, early_max, early_mean, CaptureSpec())
+    run = dict(steps=STEPS, guidance=GUIDANCE, scheduler="pndm")
+    ids, negative = _ids(sd1)
+    together = sampler1(ids, negative, jax.random.key(SEED), spec=specs, **run)
+    assert isinstance(together.maps, tuple) and len(together.maps) == len(specs)
+    captured, _ = pndm_runs
+    np.testing.assert_array_equal(np.asarray(together.images), np.asarray(captured.images))
+    alone = [captured] + [
+        sampler1(ids, negative, jax.random.key(SEED), spec=spec, **run) for spec in specs[1:]
+    ]
+    for spec, maps, single in zip(specs, together.maps, alone, strict=True):
+        assert maps.self_layers == spec.self_layers
+        assert sorted(maps.cross) == sorted(spec.cross)
+        assert sorted(maps.self_attn) == sorted(spec.self_attn)
+        for r in spec.cross:
+            np.testing.assert_allclose(maps.cross[r], single.maps.cross[r], rtol=1e-6, atol=1e-7)
+        for r in spec.self_attn:
+            np.testing.assert_allclose(
+                maps.self_attn[r], single.maps.self_attn[r], rtol=1e-6, atol=1e-7
+            )
+    # the windows really differ: the early-window maps are not the all-steps ones
+    assert not np.allclose(together.maps[1].cross[16], together.maps[0].cross[16])
+
+
 def test_new_key_prompt_guidance_do_not_recompile(sd1, sampler1, pndm_runs):
     ids, negative = _ids(sd1)
     sampler1(ids, negative, jax.random.key(SEED), steps=STEPS, scheduler="pndm", spec=SPEC_PNDM)

@@ -53,7 +53,7 @@ def test_table_is_complete_and_in_range(result):
     assert 0.0 <= result["synthetic"]["jaxmask"]["miou"] <= 1.0
     assert result["synthetic"]["real"]["miou"] == result["oracle"]["miou"]
     assert result["config"]["images"] == 8
-    assert result["config"]["capture_runs"] == [
+    assert result["config"]["capture_specs"] == [
         ["ca", "ca_sa"],
         ["seediff-paper"],
         ["seediff-code"],
