@@ -186,9 +186,8 @@ def measure(
       ``present``, ``synthetic``, ``timings``, ``date`` (see ``render_markdown``).
 
     Raises:
-      ValueError: an unknown method or parameter, a method the model's attention sides cannot
-        serve (the message says which override to pass), or images that differ between capture
-        runs.
+      ValueError: an unknown method or parameter, or a method the model's attention sides cannot
+        serve (the message says which override to pass).
     """
     import ports.api
 
