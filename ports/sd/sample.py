@@ -161,6 +161,8 @@ class Sampler:
         resolutions = self.sd.attention_resolutions(size, size)  # validates the size
         name = schedulers.canonical_name(scheduler)
         calls = self.num_model_calls(steps, name)
+        if spec == ():
+            raise ValueError("spec is an empty tuple; pass CaptureSpec() to capture nothing")
         for one in spec if isinstance(spec, tuple) else (spec,):
             missing = sorted((set(one.cross) | set(one.self_attn)) - set(resolutions))
             if missing:

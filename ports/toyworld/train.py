@@ -24,7 +24,8 @@ Two stages, as Stable Diffusion was trained (Rombach et al. 2022, Sec. 3-4):
 
 The whole training set is rendered once (in worker processes) and kept on the device; batches are
 drawn on the device inside each jitted step, and the host waits once per ``chunk`` steps (the
-progress line).
+progress line). Each batch is split over the local devices (weights and data replicated);
+``jaxmask train-toy`` makes one CPU device per core, so a CPU trains data-parallel too.
 
     jaxmask train-toy --preset cpu --out ports/toyworld/model     # the bundled model: 2-core CPU
     jaxmask train-toy --preset gpu --out my-toy                     # 32x32 latents, on a GPU

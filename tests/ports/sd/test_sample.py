@@ -256,6 +256,8 @@ def test_errors(sd1, sampler1):
         sampler1(ids, negative, key, spec=CaptureSpec(cross=(32,)))
     with pytest.raises(ValueError, match="selects none of the 4 denoising steps"):
         sampler1(ids, negative, key, steps=4, spec=CaptureSpec(cross=(8,), step_window=(0.9, 1.0)))
+    with pytest.raises(ValueError, match="empty tuple"):
+        sampler1(ids, negative, key, steps=4, spec=())
     with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
         sampler1(ids, negative, key, scheduler="euler")
     with pytest.raises(ValueError, match=r"shape \(b, 77\)"):
