@@ -278,6 +278,7 @@ def measure(
         images = np.empty((padded, size, size, 3), np.uint8)
         combos = [(m, p) for m in methods for p in pamr]
         label_maps = {c: np.empty((padded, size, size), np.uint8) for c in combos}
+        from ports.sd.sample import to_uint8
         from ports.sd.tokenizer import class_ids as token_ids_of
         from ports.sd.tokenizer import tokenize
 
@@ -311,7 +312,7 @@ def measure(
                     size=size,
                     spec=tuple(spec for spec, _ in groups),
                 )
-                images[start : start + b] = np.round(np.asarray(samples.images) * 255.0)
+                images[start : start + b] = to_uint8(samples.images)
             with clock("masks"):
                 for maps, (_, names) in zip(samples.maps, groups, strict=True):
                     check_maps(maps)
