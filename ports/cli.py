@@ -411,28 +411,65 @@ def train_toy(
         "cpu", help="cpu (the bundled model, 16x16 latents), gpu (32x32 latents), smoke"
     ),
     seed: int = typer.Option(0, help="data, initialisation and noise all derive from it"),
-    max_minutes: float = typer.Option(None, help="stop the UNet stage after this wall time"),
+    max_minutes: float = typer.Option(
+        None, help="stop this segment after this wall time (checkpoint saved; --resume goes on)"
+    ),
+    resume: bool = typer.Option(False, help="continue the run saved in the checkpoint folder"),
+    checkpoint_dir: Path = typer.Option(
+        None, "--checkpoint", help="folder of the resumable training state [default: OUT.train]"
+    ),
+    checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoint saves"),
     cpu_devices: int = typer.Option(
         None, help="CPU devices to split each batch over (default: one per core, at most 8)"
     ),
 ) -> None:
     """Train the toy Stable Diffusion (VAE, CLIP text encoder, UNet) on the shapes world from
-    scratch and save it in diffusers format (the bundled model was made with --preset cpu)."""
+    scratch and save it in diffusers format (the bundled model was made with --preset cpu).
+
+    Training is resumable: the state is saved to the checkpoint folder every few minutes and
+    when a segment stops (--max-minutes, or Ctrl-C after the last save); the same command with
+    --resume continues it and gives the same weights as one uninterrupted run."""
     import jax
 
+    if preset not in _train_presets():
+        _fail(ValueError(f"unknown preset {preset!r}; choose from {sorted(_train_presets())}"))
+    if max_minutes is not None and not max_minutes > 0:
+        _fail(ValueError(f"--max-minutes must be > 0, got {max_minutes}"))
+    if not checkpoint_minutes > 0:
+        _fail(ValueError(f"--checkpoint-minutes must be > 0, got {checkpoint_minutes}"))
     # XLA runs a CPU device's computation mostly on one thread: one device per core makes the
     # data-parallel step use every core. Only the CPU backend reads it; it must precede its start.
     jax.config.update("jax_num_cpu_devices", cpu_devices or min(8, os.cpu_count() or 1))
     from ports.toyworld import train
 
-    if preset not in train.PRESETS:
-        _fail(ValueError(f"unknown preset {preset!r}; choose from {sorted(train.PRESETS)}"))
-    record = train.train(out, train.PRESETS[preset], seed=seed, max_minutes=max_minutes)
-    t = record["timings"]
+    try:
+        record = train.train(
+            out,
+            train.PRESETS[preset],
+            seed=seed,
+            max_minutes=max_minutes,
+            resume=resume,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_minutes=checkpoint_minutes,
+        )
+    except ValueError as err:
+        _fail(err)
+    where = f"VAE step {record['vae_steps_done']}, UNet step {record['unet_steps_done']}"
+    if "scaling_factor" not in record:  # stopped inside the VAE stage: nothing to export yet
+        typer.echo(f"stopped at {where}; the checkpoint is saved: add --resume to go on")
+        return
+    left = record["config"]["unet_steps"] - record["unet_steps_done"]
     typer.echo(
-        f"saved {out}: vae loss {record['vae_loss'][-1]:.4f}, unet loss "
-        f"{record['unet_loss'][-1]:.4f}; {t['total_s']:.0f} s on {record['device']}"
+        f"saved {out} at {where}: vae loss {record['vae_loss'][-1]:.4f}, unet loss "
+        f"{record['unet_loss'][-1]:.4f}; {record['segments'][-1]['minutes']:.1f} min on "
+        f"{record['device']}" + (f"; {left} UNet steps left: add --resume to go on" if left else "")
     )
+
+
+def _train_presets():
+    from ports.toyworld.train import PRESETS
+
+    return PRESETS
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def assert_trees_close(actual, expected, rtol=None, atol=None):
     for a, e in zip(a_leaves, e_leaves):
         a, e = np.asarray(a), np.asarray(e)
         r, t = TOL.get(a.dtype, (1e-5, 1e-6))
-        np.testing.assert_allclose(a, e, rtol=r if rtol is None else rtol, atol=t if atol is None else atol)
+        np.testing.assert_allclose(
+            a, e, rtol=r if rtol is None else rtol, atol=t if atol is None else atol
+        )
 
 
 @pytest.fixture

@@ -75,7 +75,9 @@ def prompts(per_class: int, seed: int = 0) -> list[tuple[str, int]]:
     """``(prompt, class index)`` of every generated item: item ``i`` names class ``i % 8``.
 
     The colour and background are drawn from ``SeedSequence((seed, 2, i))``; the words are the
-    world's caption grammar (``scenes.caption``).
+    world's caption grammar (``scenes.caption``). Every other round of 8 items leaves the colour
+    word out (``has_colour``): "a star on a striped background" is also the default template of
+    ``jaxmask generate``'s ``shapes`` classes, so both prompt styles are measured.
     """
     out = []
     for i in range(per_class * len(scenes.CLASSES)):
@@ -84,8 +86,49 @@ def prompts(per_class: int, seed: int = 0) -> list[tuple[str, int]]:
         colour = str(rng.choice(list(scenes.COLOURS)))
         background = str(rng.choice(scenes.BACKGROUNDS))
         obj = scenes.Obj(cls, colour, 0.5, 0.5, 0.2, 0.0)
-        out.append((scenes.caption((obj,), background), cls))
+        out.append((scenes.caption((obj,), background, colours=has_colour(i)), cls))
     return out
+
+
+def has_colour(item: int) -> bool:
+    """Whether generated item ``item``'s prompt names the object's colour (rounds of 8 alternate)."""
+    return (item // len(scenes.CLASSES)) % 2 == 0
+
+
+def vae_fidelity(sd, images: np.ndarray, oracle_params, segmenter_cfg, ring: int = 4) -> dict:
+    """How faithfully the model's VAE round-trips real scenes: ``decode(encode(x).mean)``.
+
+    Returns the mean absolute error in grey levels (0-255, over pixels and channels), the same in
+    the outer ``ring`` px and inside it (a decoder that never saw the image border draws a frame:
+    the ring's error is then the larger), and the oracle's agreement with itself: mIoU of its
+    labels on the reconstructions against its labels on the originals (the VAE loses what that
+    does not keep).
+    """
+    from ports.toyworld.train import encode_dataset
+
+    @jax.jit
+    def decode(z):
+        x = sd.vae.apply({"params": sd.vae_params}, z.astype(sd.dtype), method=sd.vae.decode)
+        return jnp.round((jnp.clip(x.sample.astype(jnp.float32), -1, 1) + 1) * 127.5)
+
+    recon = []
+    for i in range(0, len(images), 100):
+        z, _ = encode_dataset(sd.vae, sd.vae_params, jnp.asarray(images[i : i + 100]))
+        recon.append(np.asarray(decode(z)).transpose(0, 2, 3, 1).astype(np.uint8))
+    recon = np.concatenate(recon)
+    error = np.abs(recon.astype(np.float32) - images.astype(np.float32)).mean(-1)
+    outer = np.ones(images.shape[1:3], bool)
+    outer[ring:-ring, ring:-ring] = False
+    original = segmenter.predict(oracle_params, images, cfg=segmenter_cfg)
+    after = segmenter.predict(oracle_params, recon, cfg=segmenter_cfg)
+    return {
+        "mae": float(error.mean()),
+        "ring_mae": float(error[:, outer].mean()),
+        "interior_mae": float(error[:, ~outer].mean()),
+        "ring": ring,
+        "oracle_agreement": segmenter.scores(segmenter.confusion(original, after))["miou"],
+        "images": int(len(images)),
+    }
 
 
 def real_scenes(count: int, stream: int, seed: int = 0, size: int = 64):
@@ -268,6 +311,8 @@ def measure(
         with clock("evaluate"):
             real_pred = segmenter.predict(oracle_params, eval_images, cfg=segmenter_cfg)
             oracle_scores = segmenter.scores(segmenter.confusion(eval_labels, real_pred))
+        with clock("vae"):
+            vae = vae_fidelity(pipe.sd, eval_images, oracle_params, segmenter_cfg)
 
         # (b) generate, extract every method's masks, score them against the oracle
         n = len(items)
@@ -375,7 +420,16 @@ def measure(
             syn_pred = segmenter.predict(syn_params, eval_images, cfg=segmenter_cfg)
             syn_scores = segmenter.scores(segmenter.confusion(eval_labels, syn_pred))
 
-    per_class_present = [float(present[class_ids == c].mean()) for c in range(len(scenes.CLASSES))]
+    def by_class(mask):
+        return [float(present[mask & (class_ids == c)].mean()) for c in range(len(scenes.CLASSES))]
+
+    coloured = np.array([has_colour(i) for i in range(n)])
+    everything = np.ones(n, bool)
+    presence = {
+        style: {"present": float(present[mask].mean()), "per_class": by_class(mask)}
+        for style, mask in (("colour words", coloured), ("no colour words", ~coloured))
+        if mask.any()
+    }
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_description(),
@@ -411,7 +465,9 @@ def measure(
             "final_loss": None if oracle_cached else float(oracle_losses[-10:].mean()),
         },
         "present": float(present.mean()),
-        "present_per_class": per_class_present,
+        "present_per_class": by_class(everything),
+        "present_by_style": presence,
+        "vae": vae,
         "rows": rows,
         "synthetic": {
             "method": synthetic[0],
@@ -513,6 +569,7 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
         "|" + "---:|" * len(classes),
         "| " + " | ".join(pct(v) for v in o["iou"]) + " |",
         "",
+        *_vae_lines(result.get("vae"), c["eval_scenes"]),
         "## b. Masks vs the oracle on generated images",
         "",
         "| method | PAMR | mIoU | mIoU, object present | ignored px % | foreground px % |",
@@ -533,6 +590,18 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
         "| " + " | ".join(classes[1:]) + " |",
         "|" + "---:|" * (len(classes) - 1),
         "| " + " | ".join(pct(v) for v in result["present_per_class"]) + " |",
+        "",
+        "By prompt style (half the prompts name the colour, half do not, as `jaxmask generate`'s",
+        "default `shapes` templates):",
+        "",
+        "| prompts | present % | " + " | ".join(classes[1:]) + " |",
+        "|---|---:|" + "---:|" * (len(classes) - 1),
+        *(
+            f"| {style} | {pct(v['present'])} | "
+            + " | ".join(pct(x) for x in v["per_class"])
+            + " |"
+            for style, v in result.get("present_by_style", {}).items()
+        ),
         "",
         "The oracle's prediction is reduced to {background, the named class}: pixels it gives to",
         "another class count as background, since a one-class prompt's mask only knows its class.",
@@ -566,6 +635,22 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _vae_lines(vae: Mapping | None, scenes_: int) -> list[str]:
+    if vae is None:
+        return []
+    return [
+        "### The model's VAE",
+        "",
+        f"The model's VAE on the same {scenes_} held-out real scenes, `decode(encode(x))`: mean",
+        f"absolute error **{vae['mae']:.1f}** grey levels (0-255); {vae['ring_mae']:.1f} in the outer",
+        f"{vae['ring']} px ring against {vae['interior_mae']:.1f} inside (ratio "
+        f"{vae['ring_mae'] / max(vae['interior_mae'], 1e-9):.2f}; a frame drawn by the decoder",
+        "shows as a larger ring error). The oracle's labels on the reconstructions agree with its",
+        f"labels on the originals at **{100 * vae['oracle_agreement']:.1f}** mIoU.",
+        "",
+    ]
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -1,10 +1,15 @@
 """A procedural world of coloured shapes on textured backgrounds, with exact labels.
 
-Each scene is deterministic from a seed: 1-3 objects of 8 classes, each with a random colour,
+Each scene is deterministic from a seed: 1-2 objects of 8 classes, each with a random colour,
 size, position and rotation, drawn in order (later objects occlude earlier ones), on one of
 several background textures; the label map is exact (0 background, class id + 1 per pixel);
 the caption names the objects, their colours and the background:
 "a red star and a blue ring on a striped background".
+
+World version 2 (``VERSION``) is sized for a model with 16x16 latents (4 px per latent pixel):
+objects span 23-36 px (were 15-28 px, 1-3 objects; a 15 px star is a 4-latent-pixel blob), and
+every texture varies on a scale the latents can hold (stripes and checks of 6 px or more, grain
+on a 4 px grid; version 1's per-pixel grain cannot be reconstructed from 16x16x4 numbers).
 
 Shapes are signed-distance functions evaluated on the pixel grid (numpy, vectorised over
 pixels), so one 64x64 scene takes well under a millisecond of array work.
@@ -25,6 +30,7 @@ COLOURS = {
     "white": (245, 245, 245),
     "black": (25, 25, 25),
 }
+VERSION = 2  # bump when scenes change: caches keyed on the world (the quality oracle) include it
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient", "noisy")
 BACKGROUND_WORDS = {  # the caption word of each background kind
     "plain": "plain",
@@ -62,12 +68,15 @@ def _sdf(name: str, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         return r - 1.0
     if name == "square":
         return np.maximum(np.abs(x), np.abs(y)) - 0.85
-    if name == "triangle":  # equilateral, pointing up
+    if (
+        name == "triangle"
+    ):  # equilateral, pointing up, circumradius 1.3 (v1: 1, half a circle's area)
         k = np.sqrt(3.0)
+        x, y = x / 1.3, y / 1.3
         return np.maximum(np.abs(x) * k / 2 + y / 2, -y) - 0.5
     if name == "star":  # five points: radius modulated by angle
         theta = np.arctan2(y, x)
-        edge = 0.55 + 0.45 * np.abs(np.cos(2.5 * theta)) ** 3
+        edge = 0.65 + 0.5 * np.abs(np.cos(2.5 * theta)) ** 3  # v1: 0.55 + 0.45
         return r - edge
     if name == "ring":
         return np.abs(r - 0.75) - 0.25
@@ -93,35 +102,44 @@ def _background(kind: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
     if kind == "plain":
         t = np.zeros((h, w))
     elif kind == "striped":
-        period = rng.uniform(4, 10) * h / 64
+        period = rng.uniform(6, 12) * h / 64
         angle = rng.uniform(0, np.pi)
         t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0).astype(
             np.float32
         )
     elif kind == "checkered":
-        cell = max(2, int(rng.integers(4, 10) * h / 64))
+        cell = max(2, int(rng.integers(6, 11) * h / 64))
         t = ((yy // cell + xx // cell) % 2).astype(np.float32)
     elif kind == "dotted":
-        cell = rng.uniform(6, 10) * h / 64
+        cell = rng.uniform(8, 12) * h / 64
         t = (np.hypot(yy % cell - cell / 2, xx % cell - cell / 2) < cell / 4).astype(np.float32)
     elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         t = xx * np.cos(angle) + yy * np.sin(angle)
         t = (t - t.min()) / max(np.ptp(t), 1e-6)
     elif kind == "noisy":
-        t = rng.uniform(0, 1, (h, w))
+        grain = rng.uniform(0, 1, (-(-h // 4) + 1, -(-w // 4) + 1))  # a 4 px grid, bilinear
+        gy, gx = yy / 4, xx / 4
+        y0, x0 = gy.astype(int), gx.astype(int)
+        fy, fx = gy - y0, gx - x0
+        t = (grain[y0, x0] * (1 - fy) + grain[y0 + 1, x0] * fy) * (1 - fx) + (
+            grain[y0, x0 + 1] * (1 - fy) + grain[y0 + 1, x0 + 1] * fy
+        ) * fx
     else:
         raise ValueError(f"unknown background {kind!r}; known: {BACKGROUNDS}")
     return (a * (1 - t[..., None]) + b * t[..., None]).astype(np.float32)
 
 
-def sample_objects(rng: np.random.Generator, max_objects: int = 3) -> tuple[Obj, ...]:
+MAX_OBJECTS = 2
+
+
+def sample_objects(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> tuple[Obj, ...]:
     n = int(rng.integers(1, max_objects + 1))
     classes = rng.choice(len(CLASSES), size=n, replace=False)
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     objs = []
     for c, colour in zip(classes, colours):
-        size = rng.uniform(0.12, 0.22)
+        size = rng.uniform(0.18, 0.28)
         objs.append(
             Obj(
                 int(c),
@@ -190,7 +208,7 @@ def render(
     )
 
 
-def scene(seed: int, size: int = 64, max_objects: int = 3) -> Scene:
+def scene(seed: int, size: int = 64, max_objects: int = MAX_OBJECTS) -> Scene:
     """The scene of ``seed``: the same seed gives the same pixels, labels and caption.
 
     Seeds are item indices folded into a base seed by the caller (``fold_in`` semantics):

@@ -32,14 +32,18 @@ progress line). Each batch is split over the local devices (weights and data rep
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
 import multiprocessing
+import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ports.scale.mesh import DATA_AXIS, data_mesh
 from ports.sd.load import _known as flax_fields
-from ports.toyworld import export, scenes
+from ports.toyworld import checkpoint, export, scenes
 from ports.toyworld.progress import reporter
 from ports.toyworld.vocab import write_clip_tokenizer
 
@@ -80,6 +84,7 @@ class TrainConfig:
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_crop: int = 64  # side of the random crops the VAE trains on
+    vae_full_steps: int = 0  # the last VAE steps train on whole images (borders), not crops
     kl_weight: float = 1e-6
     unet_steps: int = 4_000
     unet_batch: int = 128
@@ -88,6 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     null_prompt: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     drop_colours: float = 0.25  # share of captions with the colour words left out
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (None: the plain loss)
     chunk: int = 100  # optimiser steps per jitted call (one progress update)
     unet_channels: tuple[int, ...] = (64, 128, 128)
     vae_channels: tuple[int, ...] = (32, 64)
@@ -100,10 +106,19 @@ class TrainConfig:
         for name in ("scenes", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.vae_full_steps <= self.vae_steps:
+            raise ValueError(
+                f"TrainConfig.vae_full_steps must be in [0, vae_steps={self.vae_steps}], got "
+                f"{self.vae_full_steps}"
+            )
         if not 8 <= self.vae_crop <= SIZE or self.vae_crop % 2 ** (len(self.vae_channels) - 1):
             raise ValueError(
                 f"TrainConfig.vae_crop must be in [8, {SIZE}] and a multiple of the VAE's "
                 f"downsampling {2 ** (len(self.vae_channels) - 1)}, got {self.vae_crop}"
+            )
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(
+                f"TrainConfig.min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}"
             )
         if any(c % 32 for c in (*self.unet_channels, *self.vae_channels)):
             raise ValueError(
@@ -119,20 +134,25 @@ class TrainConfig:
 
 PRESETS = {
     "gpu": TrainConfig(),
-    # The bundled model, sized for the 2-core CPU: 16x16 latents (attention 16/8/4), the VAE on
-    # 32 px crops, a shorter schedule with a higher learning rate and a shorter EMA.
+    # The bundled model, sized for the 2-core CPU: 16x16 latents (attention 16/8/4); the VAE on
+    # 32 px crops, then on whole images; min-SNR weighting; half the captions without colour
+    # words (the first models learned "colour word -> blob" and never the shape words); resumable
+    # segments of a ~6 hour run (docs/toymodel.md has the record).
     "cpu": TrainConfig(
-        scenes=6_000,
-        vae_steps=400,
+        scenes=30_000,
+        vae_steps=4_600,
+        vae_full_steps=600,
         vae_batch=16,
         vae_crop=32,
         vae_channels=(32, 64, 64),
-        unet_steps=2_400,
+        unet_steps=20_000,
         unet_batch=32,
         unet_lr=6e-4,
-        warmup=100,
-        ema_decay=0.995,
-        chunk=20,
+        warmup=300,
+        ema_decay=0.999,
+        drop_colours=0.5,
+        min_snr_gamma=5.0,
+        chunk=50,
     ),
     # Seconds: checks the pipeline end to end (tests), not a usable model.
     "smoke": TrainConfig(
@@ -325,16 +345,24 @@ def _run_chunks(
     data,
     label: str,
     progress: bool,
-    deadline: float | None = None,
+    deadline: float | Callable[[], bool] | None = None,
+    start: int = 0,
+    curve: list[float] | None = None,
+    save: Callable[[object, int, list[float]], None] | None = None,
+    save_seconds: float = 600.0,
 ) -> tuple[object, list[float]]:
-    """Run ``steps`` jitted optimiser steps ``step(state, key, data)``; return the state and the
-    mean loss of every ``chunk`` steps.
+    """Run optimiser steps ``start .. steps - 1`` of ``step(state, key, data)``; return the state
+    and the mean loss of every ``chunk`` steps (appended to ``curve``, the earlier segments' curve).
 
     Steps are dispatched asynchronously and the host waits once per chunk (the progress line).
     The training data is an argument, not a closed-over constant, and each step is its own call:
     on XLA's CPU backend a ``lax.scan`` of these steps over a closed-over dataset ran more than ten
     times slower than separate calls (measured with jax 0.10.2). Stops early, after the chunk
-    that passes ``deadline`` (a ``time.perf_counter()`` value), if given.
+    that passes ``deadline`` (a ``time.perf_counter()`` value, or a callable that says "stop
+    now"), if given. ``save(state, done,
+    curve)`` is called every ``save_seconds`` and when the loop ends (a resumable checkpoint).
+    Step ``i``'s key is ``fold_in(key, i)`` whatever the segment, so resuming at ``start``
+    continues the same run.
     """
 
     def keyed(state, i, data):  # the step's key from its index, inside the jit
@@ -344,8 +372,9 @@ def _run_chunks(
     replicated = NamedSharding(data_mesh(), PartitionSpec())
     state, data = jax.device_put((state, data), replicated)
     report = reporter(progress, steps, label)
-    curve: list[float] = []
-    done = 0
+    curve = list(curve or [])
+    done = start
+    saved_at = time.perf_counter()
     while done < steps:
         n = min(chunk, steps - done)
         losses = []
@@ -360,11 +389,25 @@ def _run_chunks(
         curve.append(round(loss, 5))
         done += n
         report(done, loss)
-        if deadline is not None and time.perf_counter() > deadline and done < steps:
+        stop = passed(deadline) and done < steps
+        if save is not None and (
+            stop or done == steps or time.perf_counter() - saved_at > save_seconds
+        ):
+            save(state, done, curve)
+            saved_at = time.perf_counter()
+        if stop:
             if progress:
                 print(f"\n{label}: time budget reached at step {done}", file=sys.stderr)
             break
     return state, curve
+
+
+def passed(deadline: float | Callable[[], bool] | None) -> bool:
+    """Whether a training loop should stop: a ``time.perf_counter()`` deadline has passed, or a
+    callable deadline says so (``train``'s: the time budget, or SIGINT / SIGTERM received)."""
+    if deadline is None:
+        return False
+    return deadline() if callable(deadline) else time.perf_counter() > deadline
 
 
 def _split_batch(tree, batch: int):
@@ -378,9 +421,19 @@ def _split_batch(tree, batch: int):
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
-def train_vae(vae, params, images: jax.Array, cfg: TrainConfig, key, progress=True):
-    """Stage 1: the KL autoencoder (reconstruction L1 + L2 + ``kl_weight`` x KL)."""
-    tx = _optimizer(cfg.vae_lr, cfg.vae_steps, cfg.warmup)
+def vae_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return _optimizer(cfg.vae_lr, cfg.vae_steps, cfg.warmup)
+
+
+def train_vae(
+    vae, state, images: jax.Array, cfg: TrainConfig, key, progress=True, deadline=None, **resume
+):
+    """Stage 1: the KL autoencoder (reconstruction L1 + L2 + ``kl_weight`` x KL).
+
+    ``state`` is ``(params, vae_optimizer(cfg) state)``; ``resume`` passes ``start``, ``curve``,
+    ``save`` and ``save_seconds`` on to ``_run_chunks``. Returns the state and the loss curve.
+    """
+    tx = vae_optimizer(cfg)
 
     def loss_fn(p, x, key):
         posterior = vae.apply({"params": p}, x, method=vae.encode).latent_dist
@@ -392,21 +445,35 @@ def train_vae(vae, params, images: jax.Array, cfg: TrainConfig, key, progress=Tr
         err = recon - x
         return jnp.mean(jnp.abs(err)) + jnp.mean(err**2) + cfg.kl_weight * kl
 
-    def step(state, key, images):
-        p, opt = state
-        k_idx, k_crop, k_flip, k_z = jax.random.split(key, 4)
-        idx = jax.random.randint(k_idx, (cfg.vae_batch,), 0, images.shape[0])
-        x = _split_batch(
-            _images_nchw(_crops(images[idx], cfg.vae_crop, k_crop), k_flip), cfg.vae_batch
-        )
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, k_z)
-        updates, opt = tx.update(grads, opt, p)
-        return (optax.apply_updates(p, updates), opt), loss
+    def step_at(side):
+        def step(state, key, images):
+            p, opt = state
+            k_idx, k_crop, k_flip, k_z = jax.random.split(key, 4)
+            idx = jax.random.randint(k_idx, (cfg.vae_batch,), 0, images.shape[0])
+            x = _split_batch(_images_nchw(_crops(images[idx], side, k_crop), k_flip), cfg.vae_batch)
+            loss, grads = jax.value_and_grad(loss_fn)(p, x, k_z)
+            updates, opt = tx.update(grads, opt, p)
+            return (optax.apply_updates(p, updates), opt), loss
 
-    (params, _), curve = _run_chunks(
-        step, (params, tx.init(params)), cfg.vae_steps, cfg.chunk, key, images, "vae ", progress
-    )
-    return params, curve
+        return step
+
+    # Crops first (cheap per step), then whole images: a decoder that never saw the image's
+    # border draws a frame around every sample (the first bundled VAE did).
+    start = resume.pop("start", 0)
+    curve = resume.pop("curve", None)
+    split = cfg.vae_steps - cfg.vae_full_steps
+    if start < split:
+        state, curve = _run_chunks(
+            step_at(cfg.vae_crop), state, split, cfg.chunk, key, images, "vae ", progress,
+            deadline, start=start, curve=curve, **resume,
+        )  # fmt: skip
+        start = split
+        if passed(deadline):
+            return state, curve
+    return _run_chunks(
+        step_at(SIZE), state, cfg.vae_steps, cfg.chunk, key, images, "vae*", progress,
+        deadline, start=start, curve=curve, **resume,
+    )  # fmt: skip
 
 
 def encode_dataset(vae, params, images: jax.Array, batch: int = 256):
@@ -428,12 +495,46 @@ def alphas_cumprod() -> jax.Array:
     return jnp.cumprod(1.0 - betas)
 
 
-def train_unet(unet, text, params, latents, ids, null_ids, cfg, key, progress=True, deadline=None):
-    """Stage 2: UNet + text encoder, epsilon prediction with caption dropout; returns EMA params."""
+def unet_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return _optimizer(cfg.unet_lr, cfg.unet_steps, cfg.warmup)
+
+
+def init_unet_state(params, cfg: TrainConfig):
+    """``(params, EMA, optimiser state, step)``, the state ``train_unet`` carries."""
+    ema = jax.tree_util.tree_map(jnp.copy, params)  # its own buffers: the step donates its state
+    return params, ema, unet_optimizer(cfg).init(params), jnp.zeros((), jnp.float32)
+
+
+def loss_weights(t: jax.Array, gamma: float | None) -> jax.Array:
+    """Min-SNR-gamma weights for epsilon prediction: ``min(SNR(t), gamma) / SNR(t)``.
+
+    ``SNR(t) = abar_t / (1 - abar_t)``; Hang et al., "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy" (ICCV 2023), Eq. 8 with the epsilon-loss form of Sec. 3.4. Low-noise steps,
+    whose small denoising errors teach little about layout, count less; ``gamma=None`` weights every
+    step 1 (Ho et al.'s simple loss).
+    """
+    if gamma is None:
+        return jnp.ones(t.shape, jnp.float32)
+    acp = alphas_cumprod()[t]
+    snr = acp / (1.0 - acp)
+    return jnp.minimum(snr, gamma) / snr
+
+
+def train_unet(
+    unet, text, state, latents, ids, null_ids, cfg, key, progress=True, deadline=None, **resume
+):
+    """Stage 2: UNet + text encoder, epsilon prediction with caption dropout.
+
+    ``state`` is ``init_unet_state(params, cfg)`` (or a restored one); ``resume`` passes
+    ``start``, ``curve``, ``save`` and ``save_seconds`` on to ``_run_chunks``. The loss the
+    gradient follows is min-SNR weighted (``cfg.min_snr_gamma``); the curve records the plain
+    epsilon MSE, comparable across weightings. Returns the state, the curve and the latent
+    scaling factor.
+    """
     mean, std = latents
     acp = alphas_cumprod()
     scaling = 1.0 / jnp.std(mean)  # unit-variance latents, as SD's 0.18215
-    tx = _optimizer(cfg.unet_lr, cfg.unet_steps, cfg.warmup)
+    tx = unet_optimizer(cfg)
 
     def loss_fn(p, z0, tokens, key):
         k_t, k_noise = jax.random.split(key)
@@ -443,7 +544,8 @@ def train_unet(unet, text, params, latents, ids, null_ids, cfg, key, progress=Tr
         noisy = jnp.sqrt(a) * z0 + jnp.sqrt(1.0 - a) * noise
         context = text.apply({"params": p["text"]}, tokens)
         pred = unet.apply({"params": p["unet"]}, noisy, t, context).sample
-        return jnp.mean((pred - noise) ** 2)
+        mse = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
+        return jnp.mean(loss_weights(t, cfg.min_snr_gamma) * mse), jnp.mean(mse)
 
     def step(state, key, data):
         mean, std, ids = data
@@ -457,114 +559,250 @@ def train_unet(unet, text, params, latents, ids, null_ids, cfg, key, progress=Tr
         null = jax.random.bernoulli(k_null, cfg.null_prompt, (cfg.unet_batch, 1))
         tokens = jnp.where(null, null_ids[None], ids[idx])
         z0, tokens = _split_batch((z0, tokens), cfg.unet_batch)
-        loss, grads = jax.value_and_grad(loss_fn)(p, z0, tokens, k_loss)
+        (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, z0, tokens, k_loss)
         updates, opt = tx.update(grads, opt, p)
         p = optax.apply_updates(p, updates)
         decay = jnp.minimum(cfg.ema_decay, (1.0 + i) / (10.0 + i))
         ema = jax.tree_util.tree_map(lambda e, w: decay * e + (1 - decay) * w, ema, p)
-        return (p, ema, opt, i + 1), loss
+        return (p, ema, opt, i + 1), mse
 
-    ema = jax.tree_util.tree_map(jnp.copy, params)  # its own buffers: the step donates its state
-    state = (params, ema, tx.init(params), jnp.zeros((), jnp.float32))
-    (_, ema, _, _), curve = _run_chunks(
-        step, state, cfg.unet_steps, cfg.chunk, key, (mean, std, ids), "unet", progress, deadline
-    )
-    return ema, curve, float(scaling)
+    state, curve = _run_chunks(
+        step, state, cfg.unet_steps, cfg.chunk, key, (mean, std, ids), "unet", progress, deadline,
+        **resume,
+    )  # fmt: skip
+    return state, curve, float(scaling)
+
+
+def default_checkpoint(out: str | os.PathLike) -> Path:
+    """Where ``train`` keeps its resumable state for the model folder ``out``: ``<out>.train/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".train")
+
+
+def _command() -> str:
+    if sys.argv[1:2] == ["train-toy"]:
+        return " ".join(["jaxmask", "train-toy", *sys.argv[2:]])
+    return " ".join(sys.argv)
+
+
+def _check_resumable(saved: dict | None, folder: Path, cfg: TrainConfig, seed: int, resume: bool):
+    """Refuse, before any work, a run that would silently drop or mix up earlier training."""
+    if saved is None:
+        if resume:
+            raise ValueError(
+                f"--resume: no checkpoint at {folder}; start the run without --resume "
+                "(or pass the --checkpoint folder of the run to continue)"
+            )
+        return
+    if not resume:
+        raise ValueError(
+            f"{folder} holds the checkpoint of an earlier run (step {saved['unet_step']} of "
+            f"{saved['config']['unet_steps']}): pass --resume to continue it, or remove the "
+            "folder to start over"
+        )
+    wanted = {"seed": seed, "world": scenes.VERSION}
+    differ = [name for name, value in wanted.items() if saved.get(name) != value]
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists
+    differ += [f"config.{k}" for k, v in config.items() if saved["config"].get(k) != v]
+    if differ:
+        raise ValueError(
+            f"--resume: the checkpoint at {folder} was made with other settings "
+            f"(differs in: {', '.join(differ)}); resume with the run's own preset and seed, "
+            "or remove the folder to start over"
+        )
+
+
+@contextlib.contextmanager
+def _graceful_stop(event: threading.Event):
+    """While training, SIGINT / SIGTERM set ``event``: the loop stops after its chunk, saves the
+    checkpoint and exports the model. A second signal stops at once (the last checkpoint stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this chunk "
+            "(send it again to stop now)",
+            file=sys.stderr,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(
-    out: str | Path,
+    out: str | os.PathLike,
     cfg: TrainConfig = PRESETS["gpu"],
     seed: int = 0,
     progress: bool = True,
     max_minutes: float | None = None,
+    resume: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_minutes: float = 10.0,
 ) -> dict:
-    """Train from scratch and write a diffusers-format folder to ``out``; return the training record.
+    """Train from scratch (or ``resume``) and write a diffusers-format folder to ``out``; return the
+    training record.
 
-    ``max_minutes`` caps the wall time: the UNet stage stops after the chunk that passes it (the
-    record's ``unet_steps_done`` says where), so a time-limited machine still saves a model.
-
-    The record (also written as ``out/training.json``) holds the command, seed, config, device,
-    stage timings and per-chunk loss curves.
+    The whole training state is saved to ``checkpoint_dir`` (default ``<out>.train/``) every
+    ``checkpoint_minutes`` and when the run stops; ``resume=True`` continues from it with the same
+    result as an uninterrupted run. ``max_minutes`` caps this segment's wall time: training stops
+    after the chunk that passes it, saves the checkpoint and, once the UNet stage has begun,
+    exports the EMA weights so every segment leaves a usable model. The record (also
+    ``out/training.json``) holds the config, seed, world version, device, every segment's command,
+    steps and minutes, and the per-chunk loss curves.
     """
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizer
 
     from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint(out)
+    saved = checkpoint.read_meta(folder)
+    _check_resumable(saved, folder, cfg, seed, resume)
+
     started = time.perf_counter()
+    interrupted = threading.Event()
+
+    def deadline() -> bool:
+        over = max_minutes is not None and time.perf_counter() > started + 60.0 * max_minutes
+        return over or interrupted.is_set()
+
     key = jax.random.key(seed)
     k_vae_init, k_vae, k_unet_init, k_text_init, k_unet = jax.random.split(key, 5)
     timings = {}
-
-    t0 = time.perf_counter()
-    images_np, _, train_captions = render_dataset(cfg.scenes, seed, cfg.drop_colours)
-    timings["render_s"] = round(time.perf_counter() - t0, 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_clip_tokenizer(tmp, WORDS)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-        ids = jnp.asarray(tokenize_all(tokenizer, train_captions))
-        null_ids = jnp.asarray(tokenize_all(tokenizer, [""])[0])
-    images = jnp.asarray(images_np)
-    if progress:
-        print(
-            f"{cfg.scenes} scenes rendered in {timings['render_s']} s on {jax.devices()[0]}",
-            file=sys.stderr,
-        )
-
-    vae_cfg = vae_config(cfg)
-    vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, vae_cfg))
-    vae_params = jax.jit(vae.init_weights)(k_vae_init)  # jitted: eager init is minutes on a CPU
-    t0 = time.perf_counter()
-    vae_params, vae_curve = train_vae(vae, vae_params, images, cfg, k_vae, progress)
-    latents = encode_dataset(vae, vae_params, images)
-    timings["vae_s"] = round(time.perf_counter() - t0, 1)
-
-    u_cfg = unet_config(cfg)
-    unet = FlaxUNet2DConditionModel.from_config(flax_fields(FlaxUNet2DConditionModel, u_cfg))
-    t_cfg = text_config(cfg, vocab_size)
-    text = CLIPTextEncoder(CLIPTextConfig.from_dict(t_cfg))
-    params = {
-        "unet": jax.jit(unet.init_weights)(k_unet_init),
-        "text": text.init(k_text_init, null_ids[None])["params"],
-    }
-    t0 = time.perf_counter()
-    deadline = None if max_minutes is None else started + 60.0 * max_minutes
-    ema, unet_curve, scaling = train_unet(
-        unet, text, params, latents, ids, null_ids, cfg, k_unet, progress, deadline
-    )
-    timings["unet_s"] = round(time.perf_counter() - t0, 1)
-    timings["total_s"] = round(time.perf_counter() - started, 1)
-
     device = jax.devices()[0]
-    record = {
-        "command": " ".join(["jaxmask", "train-toy", *sys.argv[2:]])
-        if sys.argv[1:2] == ["train-toy"]
-        else " ".join(sys.argv),
-        "seed": seed,
-        "config": dataclasses.asdict(cfg),
-        "device": f"{device.device_kind} ({device.platform})",
-        "host": platform.machine(),
+    segment = {
+        "command": _command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{device.device_kind} ({device.platform}) x {jax.device_count()}",
         "jax": jax.__version__,
-        "date": datetime.date.today().isoformat(),
-        "timings": timings,
-        "scaling_factor": round(scaling, 6),
-        "loss_every_steps": cfg.chunk,
-        "unet_steps_done": min(cfg.unet_steps, len(unet_curve) * cfg.chunk),
-        "vae_loss": vae_curve,
-        "unet_loss": unet_curve,
+        "python": platform.python_version(),
+        "from": {"vae": 0, "unet": 0} if saved is None else dict(saved["segments"][-1]["to"]),
     }
-    export.save_pipeline(
-        out,
-        unet_config=u_cfg,
-        unet_params=ema["unet"],
-        vae_config=vae_config(cfg, scaling),
-        vae_params=vae_params,
-        text_config=t_cfg,
-        text_params=ema["text"],
-        words=WORDS,
-        scheduler_config=SCHEDULER_CONFIG,
-        dtype=np.dtype(cfg.weights_dtype),
-        extra_files={"training.json": json.dumps(record, indent=1) + "\n"},
-    )
-    return record
+    meta = saved or {
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "seed": seed,
+        "world": scenes.VERSION,
+        "vae_step": 0,
+        "unet_step": 0,
+        "vae_loss": [],
+        "unet_loss": [],
+        "segments": [],
+    }
+    history = list(meta["segments"])
+
+    def checkpointer(stage: str, extra=None):
+        def save(state, done, curve):
+            meta[f"{stage}_step"], meta[f"{stage}_loss"] = done, curve
+            segment["to"] = {"vae": meta["vae_step"], "unet": meta["unet_step"]}
+            segment["minutes"] = round((time.perf_counter() - started) / 60.0, 2)
+            meta["segments"] = [*history, segment]
+            checkpoint.save(folder, {stage: state, **(extra or {})}, meta)
+
+        return save
+
+    with _graceful_stop(interrupted):
+        t0 = time.perf_counter()
+        images_np, _, train_captions = render_dataset(cfg.scenes, seed, cfg.drop_colours)
+        timings["render_s"] = round(time.perf_counter() - t0, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab_size = write_clip_tokenizer(tmp, WORDS)
+            tokenizer = CLIPTokenizer.from_pretrained(tmp)
+            ids = jnp.asarray(tokenize_all(tokenizer, train_captions))
+            null_ids = jnp.asarray(tokenize_all(tokenizer, [""])[0])
+        images = jnp.asarray(images_np)
+        if progress:
+            print(
+                f"{cfg.scenes} scenes rendered in {timings['render_s']} s on {device}"
+                + (
+                    f"; resuming at VAE step {meta['vae_step']}, UNet step {meta['unet_step']}"
+                    if saved
+                    else ""
+                ),
+                file=sys.stderr,
+            )
+
+        vae_cfg = vae_config(cfg)
+        vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, vae_cfg))
+        vae_params = jax.jit(vae.init_weights)(k_vae_init)  # jitted: eager init is minutes on a CPU
+        t0 = time.perf_counter()
+        if meta["vae_step"] < cfg.vae_steps:
+            vae_state = (vae_params, vae_optimizer(cfg).init(vae_params))
+            if saved is not None:
+                vae_state = checkpoint.load(folder, {"vae": vae_state})[0]["vae"]
+            (vae_params, _), _ = train_vae(
+                vae, vae_state, images, cfg, k_vae, progress, deadline,
+                start=meta["vae_step"], curve=meta["vae_loss"], save=checkpointer("vae"),
+                save_seconds=60.0 * checkpoint_minutes,
+            )  # fmt: skip
+            if meta["vae_step"] < cfg.vae_steps:  # the time budget ran out in the VAE stage
+                return {**meta, "vae_steps_done": meta["vae_step"], "unet_steps_done": 0}
+        elif meta["unet_step"] == 0:  # the VAE stage ended, the UNet stage saved nothing yet
+            template = {"vae": (vae_params, vae_optimizer(cfg).init(vae_params))}
+            vae_params = checkpoint.load(folder, template)[0]["vae"][0]
+        else:
+            vae_params = checkpoint.load(folder, {"vae_params": vae_params})[0]["vae_params"]
+        timings["vae_s"] = round(time.perf_counter() - t0, 1)
+        latents = encode_dataset(vae, vae_params, images)
+
+        u_cfg = unet_config(cfg)
+        unet = FlaxUNet2DConditionModel.from_config(flax_fields(FlaxUNet2DConditionModel, u_cfg))
+        t_cfg = text_config(cfg, vocab_size)
+        text = CLIPTextEncoder(CLIPTextConfig.from_dict(t_cfg))
+        params = {
+            "unet": jax.jit(unet.init_weights)(k_unet_init),
+            "text": text.init(k_text_init, null_ids[None])["params"],
+        }
+        state = init_unet_state(params, cfg)
+        if meta["unet_step"] > 0:
+            state = checkpoint.load(folder, {"unet": state, "vae_params": vae_params})[0]["unet"]
+        t0 = time.perf_counter()
+        (_, ema, _, _), _, scaling = train_unet(
+            unet, text, state, latents, ids, null_ids, cfg, k_unet, progress, deadline,
+            start=meta["unet_step"], curve=meta["unet_loss"],
+            save=checkpointer("unet", {"vae_params": vae_params}),
+            save_seconds=60.0 * checkpoint_minutes,
+        )  # fmt: skip
+        timings["unet_s"] = round(time.perf_counter() - t0, 1)
+        timings["total_s"] = round(time.perf_counter() - started, 1)
+
+        record = {
+            "command": meta["segments"][0]["command"],
+            "seed": seed,
+            "config": meta["config"],
+            "world": scenes.VERSION,
+            "device": segment["device"],
+            "host": platform.machine(),
+            "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(),
+            "timings": timings,  # of the last segment
+            "scaling_factor": round(scaling, 6),
+            "loss_every_steps": cfg.chunk,
+            "vae_steps_done": meta["vae_step"],
+            "unet_steps_done": meta["unet_step"],
+            "segments": meta["segments"],
+            "vae_loss": meta["vae_loss"],
+            "unet_loss": meta["unet_loss"],
+        }
+        export.save_pipeline(
+            out,
+            unet_config=u_cfg,
+            unet_params=ema["unet"],
+            vae_config=vae_config(cfg, scaling),
+            vae_params=vae_params,
+            text_config=t_cfg,
+            text_params=ema["text"],
+            words=WORDS,
+            scheduler_config=SCHEDULER_CONFIG,
+            dtype=np.dtype(cfg.weights_dtype),
+            extra_files={"training.json": json.dumps(record, indent=1) + "\n"},
+        )
+        return record

@@ -116,7 +116,5 @@ def test_masks_sit_on_the_named_colour(pipe):
         target = np.asarray(scenes.COLOURS[colour], np.float64)
         fg, bg = image[labels == 1].astype(np.float64), image[labels == 0].astype(np.float64)
         assert len(fg) and len(bg), (colour, "empty mask or no background")
-        nearer.append(
-            np.linalg.norm(fg.mean(0) - target) < np.linalg.norm(bg.mean(0) - target)
-        )
+        nearer.append(np.linalg.norm(fg.mean(0) - target) < np.linalg.norm(bg.mean(0) - target))
     assert sum(nearer) >= 12, list(zip(named, nearer))  # chance is ~8 of 16

@@ -50,6 +50,9 @@ def test_table_is_complete_and_in_range(result):
         assert len(row["iou"]) == 9
     assert 0.0 <= result["oracle"]["miou"] <= 1.0
     assert 0.0 <= result["present"] <= 1.0 and len(result["present_per_class"]) == 8
+    assert list(result["present_by_style"]) == ["colour words"]  # 8 items: the first round only
+    assert result["present_by_style"]["colour words"]["present"] == result["present"]
+    assert 0.0 <= result["vae"]["mae"] <= 255 and 0.0 <= result["vae"]["oracle_agreement"] <= 1
     assert 0.0 <= result["synthetic"]["jaxmask"]["miou"] <= 1.0
     assert result["synthetic"]["real"]["miou"] == result["oracle"]["miou"]
     assert result["config"]["images"] == 8
@@ -119,8 +122,10 @@ def test_bad_input_says_what_to_do(pipe):
 def test_prompts_follow_the_caption_grammar():
     items = quality.prompts(2, seed=0)
     assert len(items) == 16 and [c for _, c in items] == [i % 8 for i in range(16)]
-    for text, c in items:
+    for i, (text, c) in enumerate(items):
         assert scenes.CLASSES[c] in text.split() and text.endswith(" background")
+        named = any(colour in text.split() for colour in scenes.COLOURS)
+        assert named == quality.has_colour(i) == (i < 8), text  # rounds of 8 alternate
     assert items == quality.prompts(2, seed=0) and items != quality.prompts(2, seed=1)
     assert quality.prompts(1, seed=0) == items[:8]
 
@@ -172,3 +177,44 @@ def test_cli_writes_the_page(monkeypatch, tmp_path, result):
     assert bad.exit_code == 2 and "METHOD:NAME=VALUE" in bad.output
     bad = CliRunner().invoke(cli.app, ["quality", "--window", "half", "--out", str(out)])
     assert bad.exit_code == 2 and "START,STOP" in bad.output
+
+
+class _FrameVAE:
+    """A stand-in VAE: the latent is the image itself; decoding adds ``frame`` grey levels in the
+    outer 4 px (what a decoder that never saw a border does), so the answer is known."""
+
+    def __init__(self, frame: float):
+        self.frame = frame
+
+    def apply(self, variables, x, method):
+        return method(x)
+
+    def encode(self, x):  # NCHW in, NHWC posterior out, as diffusers' Flax AutoencoderKL
+        x = x.transpose(0, 2, 3, 1)
+        dist = type("Dist", (), {"mean": x, "std": 0 * x})
+        return type("Out", (), {"latent_dist": dist})
+
+    def decode(self, z):
+        ring = np.ones(z.shape[-2:], bool)
+        ring[4:-4, 4:-4] = False
+        return type("Out", (), {"sample": z + ring * self.frame / 127.5})
+
+
+@pytest.mark.parametrize("frame", [0.0, 20.0])
+def test_vae_fidelity_known_answers(frame):
+    import types
+
+    import jax
+
+    from ports.toyworld import segmenter
+
+    sd = types.SimpleNamespace(vae=_FrameVAE(frame), vae_params={}, dtype=np.float32)
+    images = np.full((3, 32, 32, 3), 100, np.uint8)
+    params = segmenter.init(jax.random.key(0), 32)
+    out = quality.vae_fidelity(sd, images, params, segmenter.DEFAULT)
+    ring_share = 1 - (24 * 24) / (32 * 32)
+    assert out["ring_mae"] == pytest.approx(frame, abs=0.51)
+    assert out["interior_mae"] == pytest.approx(0.0, abs=0.51)
+    assert out["mae"] == pytest.approx(frame * ring_share, abs=0.51)
+    if frame == 0:
+        assert out["oracle_agreement"] == 1.0  # the same images: the same labels

@@ -87,3 +87,76 @@ def test_smoke_training_writes_a_loadable_model_and_its_record(smoke_model):
     )
     assert out.images.shape == (2, 64, 64, 3) and out.label_maps.shape == (2, 64, 64)
     assert np.isfinite(out.soft_masks).all()
+
+
+def test_run_chunks_resumes_at_start_and_saves():
+    def step(state, key, data):
+        return state + data, state.astype(jnp.float32)
+
+    saves = []
+    state, curve = train._run_chunks(
+        step, jnp.int32(3), 7, 3, jax.random.key(0), 1, "t", False, start=3, curve=[1.0],
+        save=lambda s, done, c: saves.append((int(s), done, list(c))), save_seconds=1e9,
+    )  # fmt: skip
+    assert int(state) == 7 and curve == [1.0, 4.0, 6.0]  # steps 3..5 then 6: same as one run
+    assert saves == [(7, 7, [1.0, 4.0, 6.0])]  # saved once, when the loop ended
+
+
+def test_min_snr_weights():
+    t = jnp.arange(train.NUM_TRAIN_TIMESTEPS)
+    acp = np.asarray(train.alphas_cumprod(), np.float64)
+    snr = acp / (1 - acp)
+    w = np.asarray(train.loss_weights(t, 5.0))
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    assert w[0] < 0.01 and w[-1] == 1.0  # nearly clean steps count little, noisy ones fully
+    np.testing.assert_array_equal(train.loss_weights(t, None), np.ones(len(t)))
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):
+        train.TrainConfig(min_snr_gamma=0.0)
+
+
+def _weights(folder):
+    from safetensors.numpy import load_file
+
+    return {
+        part: load_file(str(next((folder / part).glob("*.safetensors"))))
+        for part in ("unet", "vae", "text_encoder")
+    }
+
+
+def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path):
+    """Stopped in the VAE stage, then in the UNet stage, then resumed to the end: the same weights,
+    bit for bit, as the uninterrupted run (the data order comes from the step index)."""
+    straight, _ = smoke_model
+    cfg, out = train.PRESETS["smoke"], tmp_path / "model"
+    first = train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9)
+    assert first["vae_steps_done"] == cfg.chunk and not out.exists()  # stopped in the VAE stage
+    second = train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9, resume=True)
+    assert (second["vae_steps_done"], second["unet_steps_done"]) == (cfg.vae_steps, cfg.chunk)
+    assert out.is_dir()  # every segment past the VAE stage leaves a usable model
+    third = train.train(out, cfg, seed=3, progress=False, resume=True)
+    assert third["unet_steps_done"] == cfg.unet_steps
+    assert [s["to"] for s in third["segments"]] == [
+        {"vae": 2, "unet": 0}, {"vae": 4, "unet": 2}, {"vae": 4, "unet": 4},
+    ]  # fmt: skip
+    a, b = _weights(straight), _weights(out)
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            np.testing.assert_array_equal(a[part][name], b[part][name], err_msg=f"{part} {name}")
+    record = json.loads((out / "training.json").read_text())
+    assert record["vae_loss"] == json.loads((straight / "training.json").read_text())["vae_loss"]
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    cfg, out = train.PRESETS["smoke"], tmp_path / "model"
+    with pytest.raises(ValueError, match="no checkpoint at .*start the run without --resume"):
+        train.train(out, cfg, seed=3, progress=False, resume=True)
+    train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9)
+    with pytest.raises(ValueError, match="pass --resume to continue it, or remove"):
+        train.train(out, cfg, seed=3, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: seed, config.unet_steps"):
+        other = train.dataclasses.replace(cfg, unet_steps=6)
+        train.train(out, other, seed=4, progress=False, resume=True)
+    (train.default_checkpoint(out) / "checkpoint.msgpack").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        train.train(out, cfg, seed=3, progress=False, resume=True)
