@@ -1,7 +1,8 @@
 """Refinement of soft masks: resizing, and PAMR (pixel-adaptive mask refinement).
 
-Building blocks first (``resize``, ``pamr_affinity``, ``pamr_propagate``), then ``pamr``
-composed from them, with the reference's settings and SeeDiff's as presets.
+Building blocks first (``resize`` and its ``cubic_cv2_weights``, ``pamr_affinity``,
+``pamr_propagate``), then ``pamr`` composed from them, with the reference's settings and
+SeeDiff's as presets.
 """
 
 import dataclasses
@@ -9,37 +10,92 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-Resize = Literal["bilinear", "bicubic", "nearest"]
+Resize = Literal["bilinear", "bicubic", "bicubic_cv2", "nearest"]
 _JAX_METHOD = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}
+_METHODS = (*_JAX_METHOD, "bicubic_cv2")
+_CV2_A = -0.75  # OpenCV's (and PyTorch's) bicubic parameter
 
 
 # --- resize --------------------------------------------------------------------------------------
 
 
+def cubic_cv2_weights(src: int, dst: int) -> np.ndarray:
+    """The ``(dst, src)`` matrix of OpenCV's INTER_CUBIC along one axis (float32).
+
+    Output pixel ``i`` samples the input at ``x = (i + 0.5) * src / dst - 0.5`` (half-pixel
+    centres, no antialiasing); with ``x0 = floor(x)`` and ``t = x - x0`` it takes the four
+    inputs ``x0 - 1 .. x0 + 2``, clamped to ``[0, src - 1]`` (edge replication), weighted by
+    Keys' cubic with ``a = -0.75``::
+
+        w0 = ((a (t+1) - 5a)(t+1) + 8a)(t+1) - 4a      w1 = ((a+2) t - (a+3)) t^2 + 1
+        w2 = ((a+2)(1-t) - (a+3))(1-t)^2 + 1          w3 = 1 - w0 - w1 - w2
+
+    in float32, as ``cv::interpolateCubic`` computes them (``t`` from the float32 ``x``).
+    Taps that clamp onto the same input add up. Rows sum to 1.
+
+    >>> cubic_cv2_weights(2, 1).tolist()  # x = 0.5: the two middle taps, both clamped
+    [[0.5, 0.5]]
+
+    References: OpenCV ``imgproc/src/resize.cpp`` (``interpolateCubic``, ``resize`` with
+    INTER_CUBIC); PyTorch ``upsample_bicubic2d`` (``align_corners=False``) computes the same.
+    """
+    x = ((np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    x0 = np.floor(x)
+    t = (x - x0).astype(np.float32)
+    a, one = np.float32(_CV2_A), np.float32(1.0)
+    w0 = ((a * (t + one) - 5 * a) * (t + one) + 8 * a) * (t + one) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + one
+    w2 = ((a + 2) * (one - t) - (a + 3)) * (one - t) * (one - t) + one
+    w3 = one - w0 - w1 - w2
+    taps = np.clip(x0.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :], 0, src - 1)
+    weights = np.zeros((dst, src), np.float32)
+    rows = np.repeat(np.arange(dst), 4)
+    np.add.at(weights, (rows, taps.reshape(-1)), np.stack([w0, w1, w2, w3], 1).reshape(-1))
+    return weights
+
+
+def _resize_cubic_cv2(m: Array, size: tuple[int, int]) -> Array:
+    """``m`` resized as two matrix products: every row with ``W_x``, then every column with
+    ``W_y`` (OpenCV's horizontal-then-vertical passes), at full float32 precision."""
+    h, w = m.shape[-2:]
+    wy = jnp.asarray(cubic_cv2_weights(h, size[0]), m.dtype)
+    wx = jnp.asarray(cubic_cv2_weights(w, size[1]), m.dtype)
+    highest = jax.lax.Precision.HIGHEST
+    rows = jnp.matmul(m, wx.T, precision=highest)  # (..., h, w')
+    return jnp.matmul(wy, rows, precision=highest)  # (..., h', w')
+
+
 def resize(
     m: Float[Array, "... h w"], size: tuple[int, int], method: Resize = "bilinear"
 ) -> Float[Array, "... size_h size_w"]:
-    """Resize the last two axes to ``size = (h', w')`` with ``jax.image.resize``.
+    """Resize the last two axes to ``size = (h', w')``.
 
     Pixel centres are at half-integers (OpenCV ``cv2.resize``, PyTorch ``align_corners=False``)
     and there is no antialiasing, so bilinear up- and downsampling equal OpenCV's INTER_LINEAR
     and PyTorch's ``F.interpolate(mode="bilinear")``. A map already at ``size`` is returned
     as is.
 
-    .. warning::
-       ``"bicubic"`` is Keys' cubic with a = -0.5 (jax's ``"cubic"``); OpenCV's INTER_CUBIC
-       (SeeDiff's code) and PyTorch's ``"bicubic"`` (Dataset Diffusion, DAAM) use a = -0.75,
-       and treat the border differently, so bicubic results are close to the references'
-       (typically ~1e-2 on a smooth map) but not equal. ``"nearest"`` is PyTorch's
-       ``"nearest-exact"`` (source pixel ``floor((i + 0.5) * scale)``), not PyTorch's
-       ``"nearest"`` or OpenCV's INTER_NEAREST (``floor(i * scale)``).
+    Methods:
+
+    * ``"bilinear"``: ``jax.image.resize``'s linear (the SeeDiff paper's Eq. 8).
+    * ``"bicubic_cv2"``: OpenCV's INTER_CUBIC, Keys' cubic with a = -0.75 and edge-clamped
+      taps (``cubic_cv2_weights``), as two small interpolation matrices. It equals
+      ``cv2.resize(m, (w', h'), interpolation=cv2.INTER_CUBIC)`` on float32 maps to ~4e-7
+      (rounding order only), and PyTorch's ``F.interpolate(mode="bicubic",
+      align_corners=False)``, which computes the same kernel: the kernel of SeeDiff's,
+      DiffuMask's and Dataset Diffusion's code.
+    * ``"bicubic"``: ``jax.image.resize``'s cubic, Keys' a = -0.5 with a renormalised border.
+      It differs from the references' bicubic by up to ~7e-2 on a map in [0, 1].
+    * ``"nearest"``: PyTorch's ``"nearest-exact"`` (source pixel ``floor((i + 0.5) * scale)``),
+      not PyTorch's ``"nearest"`` or OpenCV's INTER_NEAREST (``floor(i * scale)``).
 
     Args:
       m: ``(..., h, w)`` float maps; leading axes are kept.
       size: ``(h', w')``, positive ints (static).
-      method: ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (static).
+      method: one of the above (static).
 
     Returns:
       ``(..., h', w')`` maps.
@@ -47,11 +103,12 @@ def resize(
     >>> resize(jnp.array([[0.0, 1.0]]), (1, 4)).tolist()
     [[0.0, 0.25, 0.75, 1.0]]
 
-    References: SeeDiff code ``F.interpolate(..., "bilinear")`` / ``cv2.resize(INTER_CUBIC)``
-    (methods.md 2.2); Dataset Diffusion ``gen_data.py`` bicubic (methods.md 4.3).
+    References: SeeDiff code ``cv2.resize(INTER_CUBIC)`` (methods.md 2.2 steps 4-7);
+    DiffuMask ``save_cross_attention`` (``cv2.resize``, methods.md 3.1); Dataset Diffusion
+    ``gen_data.py`` (``F.interpolate(mode="bicubic")``, methods.md 4.3).
     """
-    if method not in _JAX_METHOD:
-        raise ValueError(f"method must be one of {sorted(_JAX_METHOD)}, got {method!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
     if (
         len(size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
@@ -63,6 +120,8 @@ def resize(
     size = (int(size[0]), int(size[1]))
     if tuple(m.shape[-2:]) == size:
         return m
+    if method == "bicubic_cv2":
+        return _resize_cubic_cv2(m, size)
     return jax.image.resize(m, m.shape[:-2] + size, _JAX_METHOD[method], antialias=False)
 
 

@@ -3,6 +3,7 @@ re-implementation of the reference PAMR (visinf/1-stage-wseg models/mods/pamr.py
 
 import math
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from jaxmask.refine import (
     PAMR_DEFAULT,
     PAMR_SEEDIFF,
     PAMRConfig,
+    cubic_cv2_weights,
     pamr,
     pamr_affinity,
     pamr_propagate,
@@ -51,7 +53,7 @@ def test_resize_hand_values():
 
 
 @pytest.mark.parametrize("src,dst", [((4, 4), (8, 8)), ((5, 7), (11, 3)), ((16, 16), (4, 4))])
-@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "bicubic_cv2", "nearest"])
 def test_resize_shapes_keep_leading_axes(src, dst, method):
     m = _rand(0, (2, 3) + src)
     out = resize(m, dst, method)
@@ -87,6 +89,61 @@ def test_bicubic_is_close_to_but_not_torch_bicubic():
     assert 1e-4 < diff.max() < 5e-2
 
 
+CV2_SIZES = [
+    ((16, 16), (32, 32)),
+    ((32, 32), (64, 64)),
+    ((64, 64), (512, 512)),
+    ((16, 16), (512, 512)),
+    ((5, 7), (11, 3)),
+    ((16, 16), (8, 8)),
+    ((3, 9), (40, 2)),
+    ((1, 4), (3, 1)),
+]
+
+
+@pytest.mark.parametrize("src,dst", CV2_SIZES)
+def test_bicubic_cv2_equals_opencv_inter_cubic(src, dst):
+    """SeeDiff's and DiffuMask's ``cv2.resize(..., INTER_CUBIC)`` on float32 maps."""
+    for seed in range(3):
+        m = np.asarray(_rand(10 + seed, src))
+        want = cv2.resize(m, (dst[1], dst[0]), interpolation=cv2.INTER_CUBIC).reshape(dst)
+        got = np.asarray(resize(jnp.asarray(m), dst, "bicubic_cv2"))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", CV2_SIZES)
+def test_bicubic_cv2_equals_torch_bicubic(src, dst):
+    """Dataset Diffusion's ``F.interpolate(mode="bicubic")`` (align_corners=False)."""
+    m = _rand(20, (2,) + src)
+    want = F.interpolate(
+        torch.tensor(np.array(m))[None], size=dst, mode="bicubic", align_corners=False
+    )[0]
+    np.testing.assert_allclose(resize(m, dst, "bicubic_cv2"), want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_cubic_cv2_weights_hand_values():
+    """4 -> 8: output i samples x = i / 2 - 1/4. Keys' a = -0.75 at t = 1/4 gives
+    (-0.10546875, 0.87890625, 0.26171875, -0.03515625); t = 3/4 the mirror image."""
+    w = cubic_cv2_weights(4, 8)
+    # output 3: x = 1.25, taps 0..3, t = 0.25
+    assert w[3].tolist() == [-0.10546875, 0.87890625, 0.26171875, -0.03515625]
+    # output 0: x = -0.25, taps -2, -1, 0, 1 -> clamped to 0, 0, 0, 1, t = 0.75
+    np.testing.assert_allclose(w[0], [1.10546875, -0.10546875, 0.0, 0.0], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+    # the weights are the matrix resize applies along each axis
+    m = _rand(22, (4, 4))
+    np.testing.assert_allclose(
+        resize(m, (8, 8), "bicubic_cv2"), w @ np.asarray(m) @ w.T, rtol=0, atol=1e-6
+    )
+
+
+def test_bicubic_is_far_from_bicubic_cv2():
+    """Why SeeDiff's code preset needs the OpenCV kernel: jax's cubic is a = -0.5."""
+    m = _rand(21, (16, 16))
+    diff = np.abs(np.asarray(resize(m, (32, 32), "bicubic")) - resize(m, (32, 32), "bicubic_cv2"))
+    assert diff.max() > 1e-2
+
+
 def test_resize_same_size_is_identity():
     m = _rand(3, (2, 6, 6))
     assert resize(m, (6, 6), "bicubic") is m
@@ -94,7 +151,8 @@ def test_resize_same_size_is_identity():
 
 def test_resize_errors():
     with pytest.raises(
-        ValueError, match=r"method must be one of \['bicubic', 'bilinear', 'nearest'\]"
+        ValueError,
+        match=r"method must be one of \['bicubic', 'bicubic_cv2', 'bilinear', 'nearest'\]",
     ):
         resize(jnp.ones((4, 4)), (8, 8), "area")
     with pytest.raises(ValueError, match=r"size must be two positive ints \(h, w\)"):
