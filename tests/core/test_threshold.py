@@ -1,6 +1,7 @@
 """Otsu's threshold: bit parity with scikit-image, hand values, constant input, jit and vmap."""
 
 import functools
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.filters import threshold_otsu as sk_otsu
 
-from jaxmask.threshold import threshold_otsu
+from jaxmask.threshold import threshold_otsu, threshold_otsu_levels
 
 otsu = jax.jit(threshold_otsu, static_argnames="nbins")
 
@@ -150,3 +151,99 @@ def test_vmap_equals_loop():
     loop = [float(threshold_otsu(x, nbins=64)) for x in xs]
     np.testing.assert_array_equal(np.asarray(batched), np.asarray(loop, np.float32))
     assert loop == [sk_otsu(np.asarray(x), nbins=64) for x in xs]
+
+
+# --- OpenCV's integer Otsu -------------------------------------------------------------------
+
+otsu_levels = jax.jit(threshold_otsu_levels)
+
+
+def _between_class(levels: np.ndarray, t: int) -> Fraction:
+    """The exact between-class variance (times n^2) of the split {v <= t} / {v > t}."""
+    v = levels.ravel().astype(np.int64)
+    low, high = v[v <= t], v[v > t]
+    if not len(low) or not len(high):
+        return Fraction(0)
+    gap = Fraction(int(low.sum()), len(low)) - Fraction(int(high.sum()), len(high))
+    return len(low) * len(high) * gap * gap
+
+
+def _cv2_otsu(levels: np.ndarray) -> int:
+    import cv2
+
+    return int(cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0])
+
+
+def _level_sample(rng: np.random.Generator, kind: str, shape, top: int) -> np.ndarray:
+    if kind == "squared_blob":  # SeeDiff's (m * m * 255) of a blob, bicubic overshoot above 255
+        yy, xx = np.mgrid[: shape[0], : shape[1]]
+        cy, cx = rng.random(2) * shape
+        m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(1, 6) ** 2))
+        m = m + 0.1 * rng.random(shape)
+        m = (m - m.min()) / (m.max() - m.min()) * rng.uniform(0.9, 1.3)
+        return (m * m * 255).astype(np.uint16)
+    if kind == "skewed":
+        return (rng.random(shape) ** 3 * top).astype(np.uint16)
+    return rng.integers(0, top + 1, shape).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["squared_blob", "skewed", "uniform"])
+@pytest.mark.parametrize("shape", [(5, 7), (16, 16), (32, 32), (64, 64)])
+def test_levels_equals_opencv_otsu(kind, shape):
+    """The partition of ``cv2.threshold(uint16, THRESH_OTSU)``; where the returned levels
+    differ, the partitions do not, or the two splits tie exactly."""
+    import cv2  # noqa: F401  (the test extra; skip cleanly where it is missing)
+
+    rng = np.random.default_rng(abs(hash((kind, shape))) % 2**32)
+    for top in (3, 40, 255, 400, 4000):
+        for _ in range(4):
+            levels = _level_sample(rng, kind, shape, top)
+            theirs, ours = _cv2_otsu(levels), int(otsu_levels(jnp.asarray(levels, jnp.int32)))
+            if not np.array_equal(levels > ours, levels > theirs):
+                assert _between_class(levels, ours) == _between_class(levels, theirs), levels
+            else:  # the same partition: ours is the occupied level below the gap
+                assert ours in levels and ours <= theirs
+
+
+def test_levels_equals_opencv_otsu_on_uint8():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        levels = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+        ours = int(otsu_levels(jnp.asarray(levels, jnp.int32)))
+        theirs = _cv2_otsu(levels)
+        assert np.array_equal(levels > ours, levels > theirs) or (
+            _between_class(levels, ours) == _between_class(levels, theirs)
+        )
+
+
+def test_levels_hand_values():
+    assert int(threshold_otsu_levels(jnp.array([0, 1, 9, 10]))) == 1
+    # levels above 255 stay distinct (no 256-bin histogram): {300} vs {0, 1, 2}
+    assert int(threshold_otsu_levels(jnp.array([0, 1, 2, 300]))) == 2
+    # two clusters far apart inside a 16-bit range
+    x = jnp.array([[5, 6, 7], [6000, 6001, 6002]])
+    assert int(threshold_otsu_levels(x)) == 7
+
+
+@pytest.mark.parametrize("value", [0, 1, 7, 300])
+def test_levels_constant_input_returns_zero_as_opencv(value):
+    x = np.full((4, 4), value, np.uint16)
+    assert int(threshold_otsu_levels(jnp.asarray(x, jnp.int32))) == 0 == _cv2_otsu(x)
+    assert int(threshold_otsu_levels(jnp.array([value]))) == 0
+
+
+def test_levels_errors_dtype_jit_vmap():
+    with pytest.raises(ValueError, match="needs at least one value"):
+        threshold_otsu_levels(jnp.zeros((0,), jnp.int32))
+    x = jnp.asarray(np.random.default_rng(3).integers(0, 300, (4, 16, 16)), jnp.int32)
+    out = threshold_otsu_levels(x[0])
+    assert out.dtype == jnp.int32 and out.shape == ()
+    assert int(otsu_levels(x[0])) == int(out)
+    before = otsu_levels._cache_size()
+    otsu_levels(x[1])
+    assert otsu_levels._cache_size() == before
+    np.testing.assert_array_equal(
+        jax.vmap(threshold_otsu_levels)(x), [int(threshold_otsu_levels(v)) for v in x]
+    )
+    # integer-valued floats are levels too
+    assert int(threshold_otsu_levels(x[0].astype(jnp.float32))) == int(out)
