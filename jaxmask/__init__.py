@@ -10,6 +10,7 @@ from jaxmask.labels import VOC_PALETTE, colorize, label_map
 from jaxmask.maps import (
     AttentionMaps,
     CaptureSpec,
+    Layout,
     class_cross,
     head_mean_probs,
     normalize_max,
@@ -20,7 +21,7 @@ from jaxmask.masks import check_maps, extract_masks
 from jaxmask.methods import ca, ca_sa, seediff
 from jaxmask.metrics import confusion_matrix, iou, mean_iou
 from jaxmask.refine import PAMR_DEFAULT, PAMR_SEEDIFF, PAMRConfig, pamr, resize
-from jaxmask.threshold import threshold_otsu
+from jaxmask.threshold import threshold_otsu, threshold_otsu_levels
 from jaxmask.tokens import class_token_weights, match_tokens, token_positions, weights_from_matches
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "label_map",
     "AttentionMaps",
     "CaptureSpec",
+    "Layout",
     "class_cross",
     "head_mean_probs",
     "normalize_max",
@@ -59,6 +61,7 @@ __all__ = [
     "pamr",
     "resize",
     "threshold_otsu",
+    "threshold_otsu_levels",
     "class_token_weights",
     "match_tokens",
     "token_positions",

@@ -6,6 +6,7 @@ Dimension letters (project-wide): ``r`` attention side, ``n = r*r``, ``t`` text 
 """
 
 import dataclasses
+import functools
 from typing import Literal
 
 import flax.struct
@@ -85,6 +86,66 @@ class CaptureSpec:
         return tuple(lo <= i < hi and (i - lo) % self.every == 0 for i in range(num_steps))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a UNet attends at one image size: what the methods need to place their sides.
+
+    Read from the UNet's config by the shell (``ports.sd.load.StableDiffusion.attention_layout``)
+    and static under ``jit``. A plain tuple of sides stands for ``Layout(sides)``: every side
+    has every kind of layer, head count unknown.
+
+    Attributes:
+      sides: every latent side ``r`` with attention, ascending (SD at 512 px: ``(8, 16, 32, 64)``).
+      first_up: the sides with a first up-block attention layer (SeeDiff code's ``out_self[0]``),
+        ascending; ``None``: every side. A UNet whose deepest up block has no attention (an
+        ``UpBlock2D`` first) attends at its deepest side only in the mid block.
+      heads: the attention heads at each side, aligned with ``sides`` (SD 1.x: 8 everywhere,
+        SD 2.x: 5/10/20/20 from 64 down); ``None``: unknown, maps count as one head.
+
+    >>> Layout((8, 16, 32), first_up=(16, 32)).self_sides("first_up")
+    (16, 32)
+    """
+
+    sides: tuple[int, ...]
+    first_up: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        sides = tuple(int(r) for r in self.sides)
+        if sides != tuple(sorted(set(sides))) or any(r < 1 for r in sides):
+            raise ValueError(f"sides must be distinct positive ints, ascending; got {self.sides}")
+        object.__setattr__(self, "sides", sides)
+        if self.first_up is not None:
+            first_up = tuple(sorted(int(r) for r in self.first_up))
+            if not set(first_up) <= set(sides):
+                raise ValueError(f"first_up {first_up} must be among the sides {sides}")
+            object.__setattr__(self, "first_up", first_up)
+        if self.heads is not None:
+            heads = tuple(int(h) for h in self.heads)
+            if len(heads) != len(sides) or any(h < 1 for h in heads):
+                raise ValueError(f"heads must be one positive int per side {sides}, got {heads}")
+            object.__setattr__(self, "heads", heads)
+
+    @classmethod
+    def of(cls, resolutions: "Layout | tuple[int, ...]") -> "Layout":
+        """``resolutions`` itself if it is a ``Layout``, else ``Layout(sorted(resolutions))``."""
+        if isinstance(resolutions, Layout):
+            return resolutions
+        return cls(tuple(sorted(resolutions)))
+
+    def self_sides(self, self_layers: SelfLayers) -> tuple[int, ...]:
+        """The sides with the self-attention layer(s) ``self_layers`` reads."""
+        if self_layers == "first_up" and self.first_up is not None:
+            return self.first_up
+        return self.sides
+
+    def heads_at(self, r: int) -> int:
+        """The head count at side ``r``; 1 when unknown."""
+        if self.heads is None or r not in self.sides:
+            return 1
+        return self.heads[self.sides.index(r)]
+
+
 @flax.struct.dataclass
 class AttentionMaps:
     """Aggregated attention of one generated image (batch with ``jax.vmap``).
@@ -98,12 +159,21 @@ class AttentionMaps:
       resolutions: every attention side the model has (static), e.g. ``(8, 16, 32, 64)`` for
         SD at 512 px, so methods can place "finest / 4" without it having been captured;
         ``()`` when unknown (methods then infer sides from what was captured).
+      layout: the model's ``Layout`` (static): which sides have a first up-block layer and how
+        many heads each side has; ``None`` when unknown (``Layout(resolutions)``).
     """
 
     cross: dict[int, Float[Array, "l r r t"]]
     self_attn: dict[int, Float[Array, "n n"]]
     self_layers: str = flax.struct.field(pytree_node=False, default="mean")
     resolutions: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+    layout: Layout | None = flax.struct.field(pytree_node=False, default=None)
+
+    def model_layout(self) -> Layout | None:
+        """``layout``, else ``Layout(resolutions)``, else None (nothing known about the model)."""
+        if self.layout is not None:
+            return self.layout
+        return Layout.of(self.resolutions) if self.resolutions else None
 
     def cross_at(self, r: int) -> Float[Array, "l r r t"]:
         if r not in self.cross:
@@ -168,13 +238,23 @@ def normalize_minmax(m: Float[Array, "..."]) -> Float[Array, "..."]:
 
 
 def normalize_minmax_damped(
-    m: Float[Array, "..."], var_floor: float = 1e-4, damping: float = 0.01
+    m: Float[Array, "..."], var_floor: float = 1e-4, damping: float = 0.01, heads: int = 1
 ) -> Float[Array, "..."]:
-    """Min-max, then ``x damping`` when ``var(m) <= var_floor`` (SeeDiff code: flat layers muted).
+    """Min-max, then ``x damping`` when the head sum is flat (SeeDiff code: flat layers muted).
 
-    Reference: SeeDiff ``seediff_app.py: aggregate_attention`` per-layer CA normalisation.
+    ``m`` is a head-mean map (what jaxmask captures) of ``heads`` heads; the code tests the
+    head sum, ``heads * m``, with torch's unbiased variance::
+
+        out = minmax(m) * (damping if var_{n-1}(heads * m) <= var_floor else 1)
+
+    so a head-mean map is muted when ``var(m) <= var_floor / heads**2`` (1e-4 / 64 for SD 1.x).
+
+    Reference: SeeDiff ``seediff_app.py: aggregate_attention``: per layer
+    ``torch.sum(cross_maps[..., t], dim=0)`` (the heads), ``.var() > 1e-4`` or ``x 0.01``.
     """
-    scale = jnp.where(jnp.var(m) <= var_floor, damping, 1.0)
+    head_sum = m * float(heads)
+    var = jnp.sum((head_sum - jnp.mean(head_sum)) ** 2) / max(m.size - 1, 1)
+    scale = jnp.where(var <= var_floor, damping, 1.0)
     return normalize_minmax(m) * scale
 
 
@@ -209,13 +289,17 @@ def head_mean_probs(
 
 
 def class_cross(
-    cross: Float[Array, "l r r t"], token_weights: Float[Array, "k t"], layer_norm: str = "none"
+    cross: Float[Array, "l r r t"],
+    token_weights: Float[Array, "k t"],
+    layer_norm: str = "none",
+    heads: int = 1,
 ) -> Float[Array, "k r r"]:
     """One map per class: each layer normalised, layers summed, tokens weighted.
 
     ``token_weights`` rows average a class's token positions (see ``jaxmask.tokens``). With
     ``layer_norm="minmax_damped"`` and the class's token maps this is SeeDiff code step 1
-    (per-layer min-max with the flat-layer guard) followed by the sum over layers.
+    (per-layer min-max with the flat-layer guard on the sum of ``heads`` heads, see
+    ``normalize_minmax_damped``) followed by the sum over layers.
     """
     if token_weights.ndim != 2 or token_weights.shape[1] != cross.shape[-1]:
         raise ValueError(
@@ -223,5 +307,7 @@ def class_cross(
         )
     per_layer = jnp.einsum("lijt,kt->klij", cross, token_weights)
     norm = NORMALIZERS[layer_norm]
+    if layer_norm == "minmax_damped":
+        norm = functools.partial(normalize_minmax_damped, heads=heads)
     per_layer = jax.vmap(jax.vmap(norm))(per_layer)
     return jnp.sum(per_layer, axis=1)

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, UInt8
 
 from jaxmask.labels import label_map
 from jaxmask.maps import AttentionMaps, finite, normalize_minmax
-from jaxmask.methods import MethodConfig, SeeDiffConfig
+from jaxmask.methods import CAConfig, MethodConfig, SeeDiffConfig
 from jaxmask.refine import PAMRConfig, pamr as pamr_refine, resize
 
 
@@ -22,10 +22,12 @@ def extract_masks(
     """Soft masks at image size and the label map of one generated image.
 
     Steps: ``method.apply`` -> upsample to ``(h, w)`` with the method's kernel -> SeeDiff:
-    per-class min-max (code step 7), others: clip to [0, 1] -> optional PAMR on
+    per-class min-max (code step 7) -> ``label_map`` with the method's thresholds (SeeDiff
+    Eq. 12's beta; Dataset Diffusion's 0.6/0.5 band) on these maps, as the references
+    threshold them (a bicubic overshoot above 1 still wins Dataset Diffusion's argmax). The
+    returned soft masks are clipped to [0, 1]. With PAMR, the clipped masks are refined on
     ``[background, classes]`` with ``background = 1 - max_c`` (PAMR refines soft class scores
-    with background, methods.md 6) -> ``label_map`` with the method's thresholds (SeeDiff
-    Eq. 12's beta; Dataset Diffusion's 0.6/0.5 band).
+    with background, methods.md 6) and the refined masks are labelled.
 
     Args:
       maps: one image's maps, captured with ``method.capture_spec``.
@@ -45,17 +47,20 @@ def extract_masks(
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape (h, w, 3), got {image.shape}")
     h, w = image.shape[:2]
-    soft = method.apply(maps, token_weights)
+    if isinstance(method, CAConfig):  # DiffuMask normalises each side's map at the image
+        soft = method.apply(maps, token_weights, (h, w))
+    else:
+        soft = method.apply(maps, token_weights)
     soft = resize(soft, (h, w), method.upsample)
     if isinstance(method, SeeDiffConfig):
         soft = jax.vmap(normalize_minmax)(soft)
-    else:
-        soft = jnp.clip(soft, 0.0, 1.0)
+    scores = soft  # the references label the unclipped maps (bicubic overshoot included)
+    soft = jnp.clip(soft, 0.0, 1.0)
     if pamr is not None and soft.shape[0] > 0:
         background = 1.0 - jnp.max(soft, axis=0, keepdims=True)
         refined = pamr_refine(image, jnp.concatenate([background, soft]), pamr)
-        soft = jnp.clip(refined[1:], 0.0, 1.0)
-    return soft, label_map(soft, method.fg_threshold, method.ignore_threshold)
+        soft = scores = jnp.clip(refined[1:], 0.0, 1.0)
+    return soft, label_map(scores, method.fg_threshold, method.ignore_threshold)
 
 
 def check_maps(maps: AttentionMaps) -> AttentionMaps:

@@ -135,8 +135,9 @@ def threshold_otsu_levels(levels: Int[Array, "..."]) -> Int[Array, ""]:
        Every level of the optimal gap gives the same partition; this returns the lowest (the
        occupied level below the gap), OpenCV may return another level of the gap (its running
        float64 means can round up along empty levels). Variances are float32 here, float64
-       in OpenCV: two splits within ~1e-6 relative of each other (a near tie) may resolve
-       differently. Constant input returns 0, as OpenCV does (so a constant positive image is
+       in OpenCV: two splits whose variances are equal (a symmetric histogram) or within
+       ~3e-7 relative (a near tie) go to the lower split here and as float64 rounding falls
+       in OpenCV. Constant input returns 0, as OpenCV does (so a constant positive image is
        all foreground). Levels must be in ``[0, 65535]`` and ``size * max(levels) < 2**31``.
 
     Args:

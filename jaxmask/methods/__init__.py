@@ -25,8 +25,9 @@ from jaxmask.methods.seediff import (
     expand,
     initial_seeds,
     invert_background,
-    seediff,
+    seed_score,
     seed_threshold,
+    seediff,
 )
 
 MethodConfig = CAConfig | CASAConfig | SeeDiffConfig
@@ -77,5 +78,6 @@ __all__ = [
     "expand",
     "initial_seeds",
     "invert_background",
+    "seed_score",
     "seed_threshold",
 ]

@@ -1,5 +1,7 @@
 """Small pieces the methods share: resolution choice and config validation."""
 
+import math
+
 from jaxmask.maps import AttentionMaps
 
 
@@ -9,21 +11,32 @@ def finest(resolutions) -> int:
     return max(resolutions)
 
 
-def side(resolutions, divisor: int, what: str) -> int:
+def side(resolutions, divisor: int, what: str, parameter: str) -> int:
     """The attention side ``max(resolutions) // divisor`` (16 for SD at 512 px with divisor 4).
 
     SD 1.x/2.x at 512 px has attention at 64/32/16/8; the references read CA at 16 = 64/4 and
     SA at 32 = 64/2. Expressing that as a fraction of the finest side keeps the methods
-    working for other image sizes and for the bundled toy model (32/16/8).
+    working for other image sizes and for the bundled toy model (32/16/8). Where the model
+    has no attention at that side the error names ``parameter``, the method's field to set.
     """
     r = finest(resolutions) // divisor
     if r not in resolutions:
         raise ValueError(
             f"{what} needs attention at side {r} (= finest {finest(resolutions)} / {divisor}); "
-            f"the model has {sorted(resolutions)}. Set the method's resolution explicitly "
-            "(e.g. seed_resolution=..., or --param seed_resolution=... on the command line)."
+            f"the model has {sorted(resolutions)}. Set the method's {parameter} to one of "
+            f"them (methods.get(name, {parameter}=...), or --param {parameter}=... on the "
+            "command line)."
         )
     return r
+
+
+def nearest_side(have: tuple[int, ...], target: int) -> int:
+    """The side in ``have`` closest to ``target`` by factors of two; on a tie, the finer.
+
+    >>> nearest_side((8, 16), 4), nearest_side((8, 32), 16)
+    (8, 32)
+    """
+    return min(have, key=lambda r: (abs(math.log2(r / max(target, 1))), -r))
 
 
 def check_unit(name: str, value: float | None) -> None:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxmask.maps import AttentionMaps, CaptureSpec, normalize_minmax
+from jaxmask.maps import AttentionMaps, CaptureSpec, Layout, normalize_minmax
 from jaxmask.methods._common import check_thresholds, side
 from jaxmask.refine import resize
 
@@ -20,7 +20,8 @@ class CASAConfig:
       cross_resolution: CA side; ``None`` = finest / 4 (16 for SD at 512 px).
       self_resolution: SA side; ``None`` = finest / 2 (32 for SD at 512 px).
       power: the self-attention exponent tau (4 in the code and SeeDiff's S3 comparison).
-      upsample: CA upsampling to the SA side (the code: bicubic).
+      upsample: CA upsampling to the SA side, and the soft masks' to the image (the code:
+        ``F.interpolate(mode="bicubic")``, i.e. ``bicubic_cv2``; see ``jaxmask.refine.resize``).
       fg_threshold, ignore_threshold: 0.6 and 0.5 in the code; the band becomes 255.
     """
 
@@ -28,7 +29,7 @@ class CASAConfig:
     cross_resolution: int | None = None
     self_resolution: int | None = None
     power: int = 4
-    upsample: Literal["bilinear", "bicubic"] = "bicubic"
+    upsample: Literal["bilinear", "bicubic", "bicubic_cv2"] = "bicubic_cv2"
     fg_threshold: float = 0.6
     ignore_threshold: float | None = 0.5
 
@@ -38,8 +39,16 @@ class CASAConfig:
             raise ValueError(f"power must be >= 1, got {self.power}")
 
     def sides(self, resolutions) -> tuple[int, int]:
-        cr = self.cross_resolution or side(resolutions, 4, "ca_sa cross-attention")
-        sr = self.self_resolution or side(resolutions, 2, "ca_sa self-attention")
+        resolutions = Layout.of(resolutions).sides
+        cr = self.cross_resolution or side(
+            resolutions, 4, "ca_sa cross-attention", "cross_resolution"
+        )
+        sr = self.self_resolution or side(resolutions, 2, "ca_sa self-attention", "self_resolution")
+        for name, r in (("cross_resolution", cr), ("self_resolution", sr)):
+            if r not in resolutions:
+                raise ValueError(
+                    f"ca_sa: {name}={r} but the model attends at {sorted(resolutions)}"
+                )
         return cr, sr
 
     def capture_spec(self, resolutions) -> CaptureSpec:
@@ -73,8 +82,9 @@ def ca_sa(
 
     References: Dataset Diffusion ``gen_data.py`` steps 1-4; SeeDiff Table 5 row "CA x SA".
     """
-    if maps.resolutions:
-        cr, sr = cfg.sides(maps.resolutions)
+    layout = maps.model_layout()
+    if layout is not None:
+        cr, sr = cfg.sides(layout)
     else:  # model sides unknown: SA at the finest captured side, CA at half of it
         sr = cfg.self_resolution or max(maps.self_attn, default=0)
         cr = cfg.cross_resolution or (

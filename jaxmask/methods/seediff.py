@@ -4,38 +4,44 @@ order (Eq. 6 -> 12), with every paper-vs-code choice a named switch.
 
 .. warning::
    The released code (BAIKLAB/SeeDiff ``seediff_app.py``; methods.md section 2) differs from
-   the paper in six places. ``SEEDIFF_PAPER`` follows the paper, ``SEEDIFF_CODE`` the code:
+   the paper in these places. ``SEEDIFF_PAPER`` follows the paper, ``SEEDIFF_CODE`` the code:
 
    ==================  ==========================  =======================================
    switch              paper                       code
    ==================  ==========================  =======================================
-   ``seed_rule``       ``alpha``: CA >= 0.5        ``otsu_squared``: CA^2 > Otsu(CA^2)
+   ``seed_rule``       ``alpha``: CA >= 0.5        ``otsu_squared``: CA^2 above Otsu
+   ``otsu``            (no Otsu)                   ``cv2``: integer Otsu of uint16(255 CA^2)
    ``expansion``       ``mean_rows`` (Eq. 7)       ``cosine``: sum of cosine similarities
    ``self_layers``     ``mean`` over layers        ``first_up``: first decoder layer
-   ``upsample``        ``bilinear`` (Eq. 8)        ``bicubic`` (cv2.INTER_CUBIC)
+   ``upsample``        ``bilinear`` (Eq. 8)        ``bicubic_cv2`` (cv2.INTER_CUBIC)
    ``background``      ``final`` (Eq. 10-11)       ``every_stage`` (from the 2nd side on)
-   ``ca_layer_norm``   Eq. 5: per-step ``/max``    per-layer min-max, x0.01 when flat
+   ``ca_layer_norm``   Eq. 5: per-step ``/max``    per-layer min-max, x0.01 when the head
+                                                   sum's variance is <= 1e-4
    ==================  ==========================  =======================================
 
    Both min-max normalise every expanded map (the paper's Eq. 7 mean of attention rows is of
-   order ``1/n`` and could never pass Eq. 9's ``alpha`` otherwise). jax's bicubic kernel is
-   Keys' a=-0.5; OpenCV's INTER_CUBIC is a=-0.75, so ``SEEDIFF_CODE`` is close to, not
-   bit-equal with, the release.
+   order ``1/n`` and could never pass Eq. 9's ``alpha`` otherwise). ``SEEDIFF_CODE`` matches
+   an independent numpy + OpenCV replay of the code on the same maps to ~1e-6 in the soft
+   masks (``tests/core/test_parity_code.py``); what remains is float rounding, the order of
+   exact Otsu ties (see ``threshold_otsu_levels``), and the fallbacks where the code divides
+   0 by 0 (no seeds, no background seeds) and jaxmask returns zeros or keeps the map.
 """
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxmask.maps import AttentionMaps, CaptureSpec, class_cross, normalize_minmax
-from jaxmask.methods._common import check_thresholds, check_unit, side
+from jaxmask.maps import AttentionMaps, CaptureSpec, Layout, class_cross, normalize_minmax
+from jaxmask.methods._common import check_thresholds, check_unit, finest, nearest_side
 from jaxmask.refine import resize
-from jaxmask.threshold import threshold_otsu
+from jaxmask.threshold import threshold_otsu, threshold_otsu_levels
 
 SeedRule = Literal["alpha", "alpha_squared", "otsu_squared"]
+Otsu = Literal["float", "cv2"]
 Expansion = Literal["mean_rows", "cosine"]
 
 
@@ -45,29 +51,39 @@ class SeeDiffConfig:
 
     Attributes:
       seed_rule: ``alpha`` (Eq. 6/9: M >= alpha), ``alpha_squared`` (M^2 >= alpha, the code's
-        dead "Origin Code" line), ``otsu_squared`` (M^2 > Otsu(M^2), the code's default).
+        dead "Origin Code" line), ``otsu_squared`` (M^2 above Otsu, the code's default).
+      otsu: how ``otsu_squared`` thresholds: ``cv2`` (the code): OpenCV's Otsu on the integer
+        levels ``uint16(255 * M^2)`` (one bin per level; bicubic overshoot above 255 stays
+        distinct), a pixel is a seed where its level is above Otsu's; ``float``: a 256-bin
+        float Otsu of ``M^2`` (scikit-image's ``threshold_otsu``).
       alpha: the seed threshold of the alpha rules.
       expansion: ``mean_rows`` (Eq. 7) or ``cosine`` (code: sum over seeds of the cosine
         similarity between attention rows).
       self_layers: self-attention source: layer ``mean`` or ``first_up`` decoder layer.
-      upsample: ``bilinear`` (Eq. 8) or ``bicubic`` (code).
+      upsample: ``bilinear`` (Eq. 8) or ``bicubic_cv2`` (code: ``cv2.INTER_CUBIC``; ``bicubic``
+        is jax's a = -0.5 kernel, in no reference), between sides and to the image.
       background: ``final``: one inversion after the last expansion (Eq. 10-11);
         ``every_stage``: from the second side on, each stage is the upsampled previous mask
         refined by its background expansion, with no foreground expansion (code).
-      ca_layer_norm: per-layer CA normalisation before the layer sum: ``minmax_damped`` (code)
-        or ``none`` (with ``step_norm="max"`` this is Eq. 5).
+      ca_layer_norm: per-layer CA normalisation before the layer sum: ``minmax_damped`` (code:
+        min-max, x0.01 when the variance of the layer's head sum is <= 1e-4; the head count
+        comes from the maps' ``Layout``) or ``none`` (with ``step_norm="max"`` this is Eq. 5).
       step_norm: per-step normalisation at capture time (``max`` = Eq. 5).
-      seed_resolution: CA side of the seeds; ``None`` = finest / 4 (16 for SD at 512 px).
+      seed_resolution: CA side of the seeds; ``None`` = finest / 4 (16 for SD at 512 px) when
+        that side has the self-attention layer ``self_layers`` reads, else the side nearest to
+        it that has one (e.g. 8 on a UNet whose finest / 4 side attends only in the mid block).
+        The cascade is every side from there up that has that layer.
       beta: final threshold (Eq. 12; 0.3 in the paper and the demo, 0.5 in the CLI).
       ignore_threshold: optional lower edge of a 255 band (not in SeeDiff).
     """
 
     name: str = "seediff-code"
     seed_rule: SeedRule = "otsu_squared"
+    otsu: Otsu = "cv2"
     alpha: float = 0.5
     expansion: Expansion = "cosine"
     self_layers: Literal["mean", "first_up"] = "first_up"
-    upsample: Literal["bilinear", "bicubic"] = "bicubic"
+    upsample: Literal["bilinear", "bicubic", "bicubic_cv2"] = "bicubic_cv2"
     background: Literal["final", "every_stage"] = "every_stage"
     ca_layer_norm: Literal["none", "max", "minmax", "minmax_damped"] = "minmax_damped"
     step_norm: Literal["none", "max"] = "none"
@@ -78,9 +94,10 @@ class SeeDiffConfig:
     def __post_init__(self):
         choices = {
             "seed_rule": ("alpha", "alpha_squared", "otsu_squared"),
+            "otsu": ("float", "cv2"),
             "expansion": ("mean_rows", "cosine"),
             "self_layers": ("mean", "first_up"),
-            "upsample": ("bilinear", "bicubic"),
+            "upsample": ("bilinear", "bicubic", "bicubic_cv2"),
             "background": ("final", "every_stage"),
             "ca_layer_norm": ("none", "max", "minmax", "minmax_damped"),
             "step_norm": ("none", "max"),
@@ -96,13 +113,29 @@ class SeeDiffConfig:
         return self.beta
 
     def sides(self, resolutions) -> tuple[int, ...]:
-        """The cascade: the seed side, then every larger side (16 -> 32 -> 64)."""
-        seed = self.seed_resolution or side(resolutions, 4, "seediff seeds")
-        if seed not in resolutions:
+        """The cascade: the seed side, then every larger side with the self layer (16 -> 32 -> 64).
+
+        ``resolutions``: the model's sides, or its ``Layout`` (which sides have a first
+        up-block layer). Raises before any sampling, naming the parameter to set.
+        """
+        layout = Layout.of(resolutions)
+        have = layout.self_sides(self.self_layers)
+        kind = "first up-block " if self.self_layers == "first_up" else ""
+        if not have:
             raise ValueError(
-                f"seediff: no attention at side {seed}; the model has {sorted(resolutions)}"
+                f"{self.name}: the model has no side with a {kind}self-attention layer "
+                f"(it attends at {list(layout.sides)}); set self_layers='mean'"
             )
-        return tuple(sorted(r for r in resolutions if r >= seed))
+        seed = self.seed_resolution
+        if seed is None:
+            seed = nearest_side(have, finest(layout.sides) // 4)
+        elif seed not in have:
+            raise ValueError(
+                f"{self.name}: seed_resolution={seed} has no {kind}self-attention layer "
+                f"(sides with one: {list(have)}; the model attends at {list(layout.sides)}); "
+                "set seed_resolution to one of those sides"
+            )
+        return tuple(r for r in have if r >= seed)
 
     def capture_spec(self, resolutions) -> CaptureSpec:
         sides = self.sides(resolutions)
@@ -133,39 +166,59 @@ SEEDIFF_PAPER = SeeDiffConfig(
 # --- building blocks ---------------------------------------------------------------------------
 
 
-def seed_threshold(m: Float[Array, "r r"], rule: SeedRule, alpha: float) -> Float[Array, ""]:
-    """The value the rule's score must exceed; returns it, the caller applies it.
+def seed_score(m: Float[Array, "r r"], rule: SeedRule, otsu: Otsu = "cv2") -> Float[Array, "r r"]:
+    """What a seed rule thresholds: ``m`` (``alpha``), ``m**2`` (``alpha_squared``, and
+    ``otsu_squared`` with ``otsu="float"``) or the code's levels ``floor(255 * m**2)`` (its
+    ``(m*m*255).astype(np.uint16)``; ``otsu_squared`` with ``otsu="cv2"``)."""
+    if rule == "alpha":
+        return m
+    squared = m * m
+    if rule == "otsu_squared" and otsu == "cv2":
+        return jnp.floor(jnp.clip(squared * 255.0, 0.0, 65535.0))
+    return squared
 
-    The score is ``m`` for ``alpha`` and ``m**2`` for the squared rules (``seed_score``).
+
+def seed_threshold(
+    m: Float[Array, "r r"], rule: SeedRule, alpha: float, otsu: Otsu = "cv2"
+) -> Float[Array, ""]:
+    """The value the rule's ``seed_score`` must exceed (Otsu) or reach (alpha); returns it,
+    the caller applies it.
+
+    ``otsu_squared``: Otsu of the score, OpenCV's integer Otsu (``threshold_otsu_levels``)
+    for ``otsu="cv2"``, a 256-bin float Otsu (``threshold_otsu``) for ``"float"``.
     """
     if rule == "otsu_squared":
-        return threshold_otsu(m * m)
+        score = seed_score(m, rule, otsu)
+        if otsu == "cv2":
+            return threshold_otsu_levels(score).astype(jnp.float32)
+        return threshold_otsu(score)
     return jnp.asarray(alpha, jnp.float32)
 
 
-def seed_score(m: Float[Array, "r r"], rule: SeedRule) -> Float[Array, "r r"]:
-    return m if rule == "alpha" else m * m
-
-
-def initial_seeds(m: Float[Array, "r r"], rule: SeedRule, alpha: float) -> Bool[Array, "r r"]:
+def initial_seeds(
+    m: Float[Array, "r r"], rule: SeedRule, alpha: float, otsu: Otsu = "cv2"
+) -> Bool[Array, "r r"]:
     """Seeds of a normalised map: Eq. 6 / Eq. 9 (``alpha``) or the code's Otsu rule.
 
     ``alpha`` rules are inclusive (``>=``, Eq. 6); Otsu is strict (``>``, cv2.THRESH_BINARY).
-    A flat map has no seeds under Otsu (its threshold equals its value).
+    A flat map has no seeds under Otsu (its levels are all 0, its threshold 0).
 
     >>> initial_seeds(jnp.array([[0.1, 0.9], [0.6, 0.2]]), "alpha", 0.5).tolist()
     [[False, True], [True, False]]
     """
-    score, thr = seed_score(m, rule), seed_threshold(m, rule, alpha)
+    score, thr = seed_score(m, rule, otsu), seed_threshold(m, rule, alpha, otsu)
     return score > thr if rule == "otsu_squared" else score >= thr
 
 
-def background_seeds(m: Float[Array, "r r"], rule: SeedRule, alpha: float) -> Bool[Array, "r r"]:
+def background_seeds(
+    m: Float[Array, "r r"], rule: SeedRule, alpha: float, otsu: Otsu = "cv2"
+) -> Bool[Array, "r r"]:
     """Background seeds: Eq. 10's inverted map thresholded like Eq. 9 (``alpha``:
-    ``1 - m >= alpha``) or, for the code, the pixels at or below Otsu of ``m^2``."""
+    ``1 - m >= alpha``) or, for the code, the pixels at or below Otsu of ``m^2``
+    (``1 - ca_map_mask``)."""
     if rule == "alpha":
         return (1.0 - m) >= alpha
-    return ~initial_seeds(m, rule, alpha)
+    return ~initial_seeds(m, rule, alpha, otsu)
 
 
 def expand(
@@ -185,12 +238,13 @@ def expand(
             f"self-attention must be ({r * r}, {r * r}) for {r}x{r} seeds, got {self_attn.shape}"
         )
     s = seeds.reshape(-1).astype(jnp.float32)
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
     if op == "mean_rows":
-        out = (s @ self_attn) / jnp.maximum(jnp.sum(s), 1.0)
+        out = dot(s, self_attn) / jnp.maximum(jnp.sum(s), 1.0)
     else:
         norms = jnp.linalg.norm(self_attn, axis=1, keepdims=True)
         unit = self_attn / jnp.maximum(norms, 1e-12)
-        out = unit @ (unit.T @ s)
+        out = dot(unit, dot(unit.T, s))
     return normalize_minmax(out.reshape(r, r))
 
 
@@ -204,7 +258,7 @@ def invert_background(
     No background seeds (the mask covers everything) leaves ``minmax(m)`` unchanged instead of
     zeroing it (the code would divide 0 by 0).
     """
-    bg_seeds = background_seeds(m, cfg.seed_rule, cfg.alpha)
+    bg_seeds = background_seeds(m, cfg.seed_rule, cfg.alpha, cfg.otsu)
     bg = expand(self_attn, bg_seeds, cfg.expansion)
     keep = jnp.where(jnp.any(bg_seeds), 1.0 - bg, 1.0)
     return normalize_minmax(keep * normalize_minmax(m))
@@ -216,13 +270,15 @@ def seediff_one(
     """The cascade for one class: seeds (Eq. 6) -> expand (Eq. 7) -> upsample (Eq. 8) ->
     re-seed (Eq. 9) ... -> background inversion (Eq. 10-11) at the finest side."""
     m = normalize_minmax(seed_map)
-    m = expand(self_attn[sides[0]], initial_seeds(m, cfg.seed_rule, cfg.alpha), cfg.expansion)
+    seeds = initial_seeds(m, cfg.seed_rule, cfg.alpha, cfg.otsu)
+    m = expand(self_attn[sides[0]], seeds, cfg.expansion)
     for r in sides[1:]:  # 2 static stages for SD (32, 64)
         m = resize(m, (r, r), cfg.upsample)
         if cfg.background == "every_stage":
             m = invert_background(m, self_attn[r], cfg)
         else:
-            m = expand(self_attn[r], initial_seeds(m, cfg.seed_rule, cfg.alpha), cfg.expansion)
+            seeds = initial_seeds(m, cfg.seed_rule, cfg.alpha, cfg.otsu)
+            m = expand(self_attn[r], seeds, cfg.expansion)
     if cfg.background == "final":
         m = invert_background(m, self_attn[sides[-1]], cfg)
     return m
@@ -250,10 +306,13 @@ def seediff(
             f"{cfg.name} needs self-attention from {cfg.self_layers!r} layers but the maps hold "
             f"{maps.self_layers!r}; capture with the method's CaptureSpec"
         )
-    if maps.resolutions:
-        sides = cfg.sides(maps.resolutions)
-    else:  # model sides unknown: seeds at the coarsest captured CA side
-        sides = cfg.sides(tuple(sorted(set(maps.self_attn) | {min(maps.cross, default=0)})))
-    seed_maps = class_cross(maps.cross_at(sides[0]), token_weights, cfg.ca_layer_norm)
+    layout = maps.model_layout()
+    if layout is not None:
+        sides = cfg.sides(layout)
+    else:  # model sides unknown: seeds at the coarsest captured CA side, every SA side above
+        seed = cfg.seed_resolution or min(maps.cross, default=0)
+        sides = tuple(sorted(r for r in maps.self_attn if r >= seed)) or (seed,)
+    heads = layout.heads_at(sides[0]) if layout is not None else 1
+    seed_maps = class_cross(maps.cross_at(sides[0]), token_weights, cfg.ca_layer_norm, heads)
     self_attn = {r: maps.self_at(r) for r in sides}
     return jax.vmap(lambda c: seediff_one(c, self_attn, sides, cfg))(seed_maps)

@@ -38,6 +38,70 @@ def test_minmax_damped_mutes_flat_layers_only():
     )
 
 
+def test_minmax_damped_tests_the_head_sum_with_torchs_unbiased_variance():
+    """SeeDiff's guard: ``torch.sum(heads).var() <= 1e-4`` mutes a layer. A head-mean map of
+    8 heads is muted only when its variance is <= 1e-4 / 64: in between, the head-mean test
+    (what jaxmask did before) and the code's head-sum test disagree."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    heads = 8
+    for target, muted in ((5e-5, True), (3e-6, True), (1e-5 / 8, True), (5e-4, False)):
+        # per-head maps whose head sum has (unbiased) variance ~ target
+        per_head = 0.2 + rng.normal(0, np.sqrt(target / heads), (heads, 16, 16))
+        per_head = per_head.astype(np.float32)
+        head_sum = torch.tensor(per_head).sum(0)
+        code_muted = bool(head_sum.var() <= 1e-4)  # torch's var is unbiased
+        mean = jnp.asarray(per_head.mean(0))
+        got = M.normalize_minmax_damped(mean, heads=heads)
+        np.testing.assert_allclose(
+            got, (0.01 if code_muted else 1.0) * np.asarray(M.normalize_minmax(mean)), rtol=1e-5
+        )
+        assert code_muted == muted
+    # the case the scales disagree on: head-sum variance 2e-4 (kept by the code), head-mean
+    # variance 2e-4 / 64 (muted by a 1e-4 test on the mean)
+    per_head = (0.2 + rng.normal(0, np.sqrt(2e-4 / heads), (heads, 16, 16))).astype(np.float32)
+    mean = jnp.asarray(per_head.mean(0))
+    assert float(torch.tensor(per_head).sum(0).var()) > 1e-4 >= float(jnp.var(mean))
+    np.testing.assert_allclose(
+        M.normalize_minmax_damped(mean, heads=heads), M.normalize_minmax(mean), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        M.normalize_minmax_damped(mean), 0.01 * np.asarray(M.normalize_minmax(mean)), rtol=1e-5
+    )
+    # class_cross passes the head count to the guard
+    cross = jnp.stack([mean, mean])[..., None]  # (l=2, 16, 16, t=1)
+    w = jnp.ones((1, 1), jnp.float32)
+    np.testing.assert_allclose(
+        M.class_cross(cross, w, "minmax_damped", heads=heads)[0],
+        2 * np.asarray(M.normalize_minmax(mean)),
+        rtol=1e-5,
+    )
+
+
+def test_layout():
+    layout = M.Layout((8, 16, 32), first_up=(32, 16), heads=(8, 8, 8))
+    assert layout.first_up == (16, 32) and layout.self_sides("first_up") == (16, 32)
+    assert layout.self_sides("mean") == (8, 16, 32)
+    assert layout.heads_at(16) == 8 and layout.heads_at(64) == 1
+    assert M.Layout.of((32, 8, 16)) == M.Layout((8, 16, 32))
+    assert M.Layout.of(layout) is layout
+    plain = M.Layout((8, 16))
+    assert plain.self_sides("first_up") == (8, 16) and plain.heads_at(8) == 1
+    hash(layout)  # static under jit
+    with pytest.raises(ValueError, match="ascending"):
+        M.Layout((16, 8))
+    with pytest.raises(ValueError, match="must be among the sides"):
+        M.Layout((8, 16), first_up=(32,))
+    with pytest.raises(ValueError, match="one positive int per side"):
+        M.Layout((8, 16), heads=(8,))
+    maps = M.AttentionMaps(cross={}, self_attn={}, resolutions=(8, 16))
+    assert maps.model_layout() == M.Layout((8, 16))
+    assert M.AttentionMaps(cross={}, self_attn={}).model_layout() is None
+    with_layout = M.AttentionMaps(cross={}, self_attn={}, resolutions=(8, 16), layout=layout)
+    assert with_layout.model_layout() is layout
+
+
 def test_head_mean_probs_step_norm():
     probs = jax.random.uniform(jax.random.key(0), (3, 16, 5))
     mean = np.asarray(probs).mean(0)

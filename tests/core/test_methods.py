@@ -104,13 +104,34 @@ def test_seed_rules():
     np.testing.assert_array_equal(sd.initial_seeds(m, "alpha", 0.6), [[0, 1], [1, 1]])
     np.testing.assert_array_equal(sd.initial_seeds(m, "alpha_squared", 0.5), [[0, 0], [1, 1]])
     np.testing.assert_array_equal(sd.background_seeds(m, "alpha", 0.5), [[1, 0], [0, 0]])
-    thr = float(sd.seed_threshold(m, "otsu_squared", 0.5))
+    thr = float(sd.seed_threshold(m, "otsu_squared", 0.5, otsu="float"))
     from skimage.filters import threshold_otsu
 
     assert thr == pytest.approx(threshold_otsu(np.asarray(m) ** 2), rel=1e-5)
     np.testing.assert_array_equal(
-        sd.initial_seeds(m, "otsu_squared", 0.5), np.asarray(m) ** 2 > thr
+        sd.initial_seeds(m, "otsu_squared", 0.5, otsu="float"), np.asarray(m) ** 2 > thr
     )
+
+
+def test_otsu_cv2_seeds_are_the_codes():
+    """The code: ``cv2.threshold((m*m*255).astype(uint16), 0, 255, BINARY + OTSU) > 0``."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:16, :16]
+    for _ in range(30):
+        cy, cx = rng.uniform(0, 16, 2)
+        m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(4, 40)) + 0.2 * rng.random(
+            (16, 16)
+        )
+        m = ((m - m.min()) / (m.max() - m.min()) * rng.uniform(0.9, 1.25)).astype(np.float32)
+        levels = (m * m * 255).astype(np.uint16)  # values above 255 where m > 1 (overshoot)
+        _, want = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        got = sd.initial_seeds(jnp.asarray(m), "otsu_squared", 0.5)  # otsu="cv2", the default
+        np.testing.assert_array_equal(got, want > 0)
+        np.testing.assert_array_equal(
+            sd.background_seeds(jnp.asarray(m), "otsu_squared", 0.5), want == 0
+        )
+        np.testing.assert_array_equal(sd.seed_score(jnp.asarray(m), "otsu_squared"), levels)
 
 
 # --- fallbacks and errors -------------------------------------------------------------------
@@ -157,6 +178,68 @@ def test_capture_specs_for_sd_sides():
     spec = methods.get("seediff-code").capture_spec(sd_sides)
     assert (spec.cross, spec.self_attn, spec.self_layers) == ((16,), (16, 32, 64), "first_up")
     assert methods.get("seediff-paper").capture_spec(sd_sides).step_norm == "max"
+
+
+def test_default_sides_on_a_unet_whose_finest_quarter_attends_only_in_the_mid_block():
+    """A 3-level UNet with an UpBlock2D first: attention at 4 (mid only), 8 and 16. SeeDiff's
+    code reads the first up-block layer, which exists at 8 and 16 only: its seeds move to 8."""
+    layout = jaxmask.Layout((4, 8, 16), first_up=(8, 16), heads=(2, 2, 2))
+    code = methods.get("seediff-code")
+    assert code.sides(layout) == (8, 16)
+    spec = code.capture_spec(layout)
+    assert (spec.cross, spec.self_attn, spec.self_layers) == ((8,), (8, 16), "first_up")
+    # the paper's layer mean has a self layer at 4 (the mid block): finest / 4 as usual
+    assert methods.get("seediff-paper").sides(layout) == (4, 8, 16)
+    # an explicit side without the layer fails before sampling, naming the parameter
+    with pytest.raises(
+        ValueError, match=r"seed_resolution=4 has no first up-block self-attention layer"
+    ):
+        methods.get("seediff-code", seed_resolution=4).capture_spec(layout)
+    with pytest.raises(ValueError, match="set self_layers='mean'"):
+        code.sides(jaxmask.Layout((4, 8), first_up=()))
+    # SD's own sides keep finest / 4, and a plain tuple means every side has every layer
+    assert code.sides(jaxmask.Layout((8, 16, 32, 64), first_up=(16, 32, 64))) == (16, 32, 64)
+    assert code.sides((8, 16, 32, 64)) == (16, 32, 64)
+    # without finest / 4 at all (the 2-level tiny SD: 8, 16): the nearest side, 8
+    assert code.sides((8, 16)) == (8, 16)
+    # the other methods run there too (ca, ca_sa) or name their parameter
+    assert methods.get("ca").capture_spec(layout).cross == (4, 8, 16)
+    spec = methods.get("ca_sa").capture_spec(layout)
+    assert (spec.cross, spec.self_attn) == ((4,), (8,))
+    with pytest.raises(ValueError, match="cross_resolution"):
+        methods.get("ca_sa").capture_spec((8, 16))
+
+
+def test_seediff_reads_the_head_count_from_the_layout():
+    """The flat-layer guard tests the head sum's variance against 1e-4. A weak layer that
+    sees the second object (head-mean variance ~7e-6: above 1e-4 / 64, below 1e-4) is kept
+    with 8 heads, so both objects are seeded, and muted with one head, so only the first is."""
+    r = 16
+    boxes = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0))
+    labels = synthetic.region_labels(boxes, r)
+    sa = synthetic.block_self_attention(labels)
+    first = (labels == 1).astype(jnp.float32)
+    second = (labels == 2).astype(jnp.float32)
+    t = 3  # tokens: BOS, the class, another
+    strong = jnp.stack([1 - 0.5 * first, 0.5 * first, jnp.zeros((r, r))], -1)
+    weak = jnp.stack([0.75 - 0.006 * second, 0.25 + 0.006 * second, jnp.zeros((r, r))], -1)
+    assert 1e-4 / 64 < float(jnp.var(weak[..., 1])) < 1e-4
+    cross = jnp.stack([strong, weak])  # (l=2, r, r, t)
+    w = jnp.eye(t, dtype=jnp.float32)[1:2]
+    cfg = methods.get("seediff-code", seed_resolution=r)
+    found = {}
+    for heads in (1, 8):
+        maps = AttentionMaps(
+            cross={r: cross},
+            self_attn={r: sa},
+            self_layers="first_up",
+            resolutions=(r,),
+            layout=jaxmask.Layout((r,), heads=(heads,)),
+        )
+        _, label = jaxmask.extract_masks(maps, w, jnp.zeros((r, r, 3)), cfg)
+        found[heads] = np.asarray(label)
+    np.testing.assert_array_equal(found[8], np.asarray(labels > 0))
+    np.testing.assert_array_equal(found[1], np.asarray(labels == 1))
 
 
 # --- transformations: jit, vmap, recompiles ------------------------------------------------

@@ -1,6 +1,7 @@
 """Otsu's threshold: bit parity with scikit-image, hand values, constant input, jit and vmap."""
 
 import functools
+import zlib
 from fractions import Fraction
 
 import jax
@@ -187,21 +188,31 @@ def _level_sample(rng: np.random.Generator, kind: str, shape, top: int) -> np.nd
     return rng.integers(0, top + 1, shape).astype(np.uint16)
 
 
+def _same_or_tie(levels: np.ndarray, ours: int, theirs: int) -> bool:
+    """The same partition, or two splits whose exact variances agree to float32 resolution
+    (equal: a symmetric histogram; within 3e-7: a near tie float32 cannot order)."""
+    if np.array_equal(levels > ours, levels > theirs):
+        return True
+    a, b = _between_class(levels, ours), _between_class(levels, theirs)
+    return abs(a - b) <= Fraction(3, 10**7) * max(a, b)
+
+
 @pytest.mark.parametrize("kind", ["squared_blob", "skewed", "uniform"])
 @pytest.mark.parametrize("shape", [(5, 7), (16, 16), (32, 32), (64, 64)])
 def test_levels_equals_opencv_otsu(kind, shape):
-    """The partition of ``cv2.threshold(uint16, THRESH_OTSU)``; where the returned levels
-    differ, the partitions do not, or the two splits tie exactly."""
+    """The partition of ``cv2.threshold(uint16, THRESH_OTSU)``; where it differs, the two
+    splits tie; on SeeDiff-like maps (``squared_blob``) it is the same partition every time."""
     import cv2  # noqa: F401  (the test extra; skip cleanly where it is missing)
 
-    rng = np.random.default_rng(abs(hash((kind, shape))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((kind, shape)).encode()))
     for top in (3, 40, 255, 400, 4000):
         for _ in range(4):
             levels = _level_sample(rng, kind, shape, top)
             theirs, ours = _cv2_otsu(levels), int(otsu_levels(jnp.asarray(levels, jnp.int32)))
-            if not np.array_equal(levels > ours, levels > theirs):
-                assert _between_class(levels, ours) == _between_class(levels, theirs), levels
-            else:  # the same partition: ours is the occupied level below the gap
+            if kind == "squared_blob":
+                np.testing.assert_array_equal(levels > ours, levels > theirs)
+            assert _same_or_tie(levels, ours, theirs), levels
+            if np.array_equal(levels > ours, levels > theirs):  # ours: the level below the gap
                 assert ours in levels and ours <= theirs
 
 
@@ -211,9 +222,7 @@ def test_levels_equals_opencv_otsu_on_uint8():
         levels = rng.integers(0, 256, (16, 16)).astype(np.uint8)
         ours = int(otsu_levels(jnp.asarray(levels, jnp.int32)))
         theirs = _cv2_otsu(levels)
-        assert np.array_equal(levels > ours, levels > theirs) or (
-            _between_class(levels, ours) == _between_class(levels, theirs)
-        )
+        assert _same_or_tie(levels, ours, theirs), levels
 
 
 def test_levels_hand_values():
