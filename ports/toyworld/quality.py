@@ -141,6 +141,47 @@ def real_scenes(count: int, stream: int, seed: int = 0, size: int = 64):
     return images, labels
 
 
+def train_oracle(
+    *,
+    seed: int,
+    steps: int,
+    batch: int,
+    scenes_: int,
+    size: int = 64,
+    segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+    cache: str | os.PathLike | None = None,
+    key: jax.Array | None = None,
+    progress=False,
+    make_bar=None,
+):
+    """Stage (a): the oracle, a segmenter trained on ``scenes_`` real scenes (stream 0) with their
+    exact labels. Returns ``(params, losses or None, cached)``.
+
+    With ``cache`` a folder, an oracle trained with the same settings (and world version) is
+    loaded from it, or the new one is saved into it; ``key`` defaults to the one ``measure``
+    uses for ``seed``. ``progress`` goes to ``segmenter.train``; ``make_bar()``, if given, makes
+    it only when training starts (no bar is drawn for a cached oracle).
+    """
+    if key is None:
+        key = jax.random.fold_in(jax.random.key(seed), _SEGMENTER_KEY)
+    meta = {
+        "seed": seed, "steps": steps, "batch": batch, "scenes": scenes_, "size": size,
+        "segmenter": dataclasses.asdict(segmenter_cfg), "world": scenes.VERSION,
+    }  # fmt: skip
+    cache_file = _cache_file(cache, meta)
+    if cache_file is not None and cache_file.is_file():
+        return segmenter.load(cache_file)[0], None, True
+    images, labels = real_scenes(scenes_, _STREAM_ORACLE, seed, size)
+    if make_bar is not None:
+        progress = make_bar()
+    params, losses = segmenter.train(
+        (images, labels), steps, batch, key, cfg=segmenter_cfg, progress=progress
+    )
+    if cache_file is not None:
+        segmenter.save(cache_file, params, segmenter_cfg)
+    return params, losses, False
+
+
 def capture_groups(configs: Mapping[str, Any], resolutions) -> list[tuple[CaptureSpec, list[str]]]:
     """Methods grouped by mergeable capture (``CaptureSpec.union``): one spec per group.
 
@@ -284,30 +325,12 @@ def measure(
         # (a) the oracle, on real scenes
         with clock("real scenes"):
             eval_images, eval_labels = real_scenes(eval_scenes, _STREAM_EVAL, seed, size)
-        oracle_meta = {
-            "seed": seed, "steps": steps_seg, "batch": batch, "scenes": oracle_scenes, "size": size,
-            "segmenter": dataclasses.asdict(segmenter_cfg),
-        }  # fmt: skip
-        cache_file = _cache_file(oracle_cache, oracle_meta)
-        oracle_cached = cache_file is not None and cache_file.is_file()
-        if oracle_cached:
-            with clock("oracle train"):
-                oracle_params, _ = segmenter.load(cache_file)
-        else:
-            with clock("real scenes"):
-                train_images, train_labels = real_scenes(oracle_scenes, _STREAM_ORACLE, seed, size)
-            with clock("oracle train"):
-                oracle_params, oracle_losses = segmenter.train(
-                    (train_images, train_labels),
-                    steps_seg,
-                    batch,
-                    seg_key,
-                    cfg=segmenter_cfg,
-                    progress=bars.callback("oracle: train on real scenes", steps_seg),
-                )
-            del train_images, train_labels
-            if cache_file is not None:
-                segmenter.save(cache_file, oracle_params, segmenter_cfg)
+        with clock("oracle train"):
+            oracle_params, oracle_losses, oracle_cached = train_oracle(
+                seed=seed, steps=steps_seg, batch=batch, scenes_=oracle_scenes, size=size,
+                segmenter_cfg=segmenter_cfg, cache=oracle_cache, key=seg_key,
+                make_bar=lambda: bars.callback("oracle: train on real scenes", steps_seg),
+            )  # fmt: skip
         with clock("evaluate"):
             real_pred = segmenter.predict(oracle_params, eval_images, cfg=segmenter_cfg)
             oracle_scores = segmenter.scores(segmenter.confusion(eval_labels, real_pred))
