@@ -263,7 +263,7 @@ def capture_spec(sd: StableDiffusion, method: str, size: int, window=None, every
     window and stride replaced where given."""
     if method == "none":
         return NOTHING
-    spec = methods.get(method).capture_spec(sd.attention_resolutions(size, size))
+    spec = methods.get(method).capture_spec(sd.attention_layout(size, size))
     changes = {}
     if window is not None:
         changes["step_window"] = tuple(float(w) for w in window)

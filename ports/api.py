@@ -96,8 +96,13 @@ class Pipeline:
 
     def resolutions(self, size: int | None = None) -> tuple[int, ...]:
         """The UNet's attention sides ``r`` at ``size`` px (default: native), e.g. (8, 16, 32)."""
+        return self.layout(size).sides
+
+    def layout(self, size: int | None = None) -> jaxmask.Layout:
+        """Where the UNet attends at ``size`` px (default: native): sides, the sides with a first
+        up-block layer, heads per side. What a method's ``capture_spec`` places its sides by."""
         size = self.native_size if size is None else size
-        return self.sd.attention_resolutions(size, size)
+        return self.sd.attention_layout(size, size)
 
     def generate(
         self,
@@ -149,7 +154,8 @@ class Pipeline:
         Raises:
           ValueError: a class that does not occur in its prompt (the message names both), an image
             size the UNet cannot take (the message names valid sizes), an unknown method or
-            scheduler, or attention maps that came out non-finite.
+            scheduler, a method whose sides this UNet lacks (before sampling; the message names
+            the parameter to set), or attention maps that came out non-finite.
         """
         prompts = _prompts(prompts)
         b = len(prompts)
@@ -166,7 +172,7 @@ class Pipeline:
         method_cfg, weights, spec = None, None, CaptureSpec()
         if classes is not None or return_maps:
             method_cfg = jaxmask.methods.get(method) if isinstance(method, str) else method
-            spec = method_cfg.capture_spec(self.resolutions(size))
+            spec = method_cfg.capture_spec(self.layout(size))
         if classes is not None:
             weights = np.stack(
                 [

@@ -107,7 +107,7 @@ def run(
     method_cfg = cfg.method_config()
     pipeline = pipeline or api.load(cfg.model, dtype=cfg.dtype)
     size = pipeline._size(cfg.size, cfg.size)  # validates the size against the UNet
-    method_cfg.capture_spec(pipeline.resolutions(size))  # ...and the method against its sides
+    method_cfg.capture_spec(pipeline.layout(size))  # ...and the method against its sides
     plan = cfg.plan
     sd = pipeline.sd
     if jax.local_device_count() > 1:  # split every batch over this host's devices

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from jaxmask.maps import AttentionMaps, CaptureSpec, Layout, class_cross, normalize_minmax
-from jaxmask.methods._common import check_thresholds, check_unit, finest, nearest_side
+from jaxmask.methods._common import check_thresholds, check_unit, nearest_side, side
 from jaxmask.refine import resize
 from jaxmask.threshold import threshold_otsu, threshold_otsu_levels
 
@@ -69,10 +69,11 @@ class SeeDiffConfig:
         min-max, x0.01 when the variance of the layer's head sum is <= 1e-4; the head count
         comes from the maps' ``Layout``) or ``none`` (with ``step_norm="max"`` this is Eq. 5).
       step_norm: per-step normalisation at capture time (``max`` = Eq. 5).
-      seed_resolution: CA side of the seeds; ``None`` = finest / 4 (16 for SD at 512 px) when
-        that side has the self-attention layer ``self_layers`` reads, else the side nearest to
-        it that has one (e.g. 8 on a UNet whose finest / 4 side attends only in the mid block).
-        The cascade is every side from there up that has that layer.
+      seed_resolution: CA side of the seeds; ``None`` = finest / 4 (16 for SD at 512 px; a
+        UNet without attention there raises, naming this field) when that side has the
+        self-attention layer ``self_layers`` reads, else the nearest side that has one (8 on a
+        UNet whose finest / 4 side attends only in the mid block). The cascade is every side
+        from there up that has that layer.
       beta: final threshold (Eq. 12; 0.3 in the paper and the demo, 0.5 in the CLI).
       ignore_threshold: optional lower edge of a 255 band (not in SeeDiff).
     """
@@ -127,8 +128,11 @@ class SeeDiffConfig:
                 f"(it attends at {list(layout.sides)}); set self_layers='mean'"
             )
         seed = self.seed_resolution
-        if seed is None:
-            seed = nearest_side(have, finest(layout.sides) // 4)
+        if (
+            seed is None
+        ):  # finest / 4 must attend; if not with this layer, the nearest side that does
+            seed = side(layout.sides, 4, f"{self.name} seeds", "seed_resolution")
+            seed = seed if seed in have else nearest_side(have, seed)
         elif seed not in have:
             raise ValueError(
                 f"{self.name}: seed_resolution={seed} has no {kind}self-attention layer "

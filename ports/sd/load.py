@@ -32,6 +32,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
+from jaxmask.maps import Layout
 from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from ports.sd.clip import convert_state_dict as convert_clip_state_dict
 
@@ -140,6 +141,17 @@ class StableDiffusion:
             they must be equal, and divisible by ``vae_scale_factor * 2**(len(blocks) - 1)`` so that
             the UNet's down and up paths line up.
         """
+        return self.attention_layout(height, width).sides
+
+    def attention_layout(self, height: int, width: int) -> Layout:
+        """Where the UNet attends at ``height x width`` px: a ``jaxmask.Layout``.
+
+        ``sides`` as ``attention_resolutions``; ``first_up``: the sides of the ``CrossAttn`` up
+        blocks (their first layer is SeeDiff code's ``out_self[0]``); ``heads``: the heads of
+        the level at each side (``num_attention_heads``, else diffusers' historical
+        ``attention_head_dim``, per level; the mid block has the deepest level's). SD 1.x at
+        512x512: sides ``(8, 16, 32, 64)``, first up ``(16, 32, 64)``, 8 heads everywhere.
+        """
         unet = self.unet
         levels = len(unet.block_out_channels)
         multiple = self.vae_scale_factor * 2 ** (levels - 1)
@@ -154,16 +166,24 @@ class StableDiffusion:
                 f"(VAE factor {self.vae_scale_factor} x UNet downsampling {2 ** (levels - 1)})"
             )
         side = height // self.vae_scale_factor
-        sides = set()
+        heads = unet.num_attention_heads or unet.attention_head_dim
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        per_side: dict[int, int] = {}  # side -> heads
+        first_up = set()
         for i, block in enumerate(unet.down_block_types):
             if block.startswith("CrossAttn"):
-                sides.add(side // 2**i)
+                per_side[side // 2**i] = heads[i]
         if unet.mid_block_type == "UNetMidBlock2DCrossAttn":
-            sides.add(side // 2 ** (levels - 1))
+            per_side[side // 2 ** (levels - 1)] = heads[-1]
         for j, block in enumerate(unet.up_block_types):
             if block.startswith("CrossAttn"):
-                sides.add(side // 2 ** (levels - 1 - j))
-        return tuple(sorted(sides))
+                level = levels - 1 - j
+                per_side[side // 2**level] = heads[level]
+                first_up.add(side // 2**level)
+        sides = tuple(sorted(per_side))
+        return Layout(
+            sides, first_up=tuple(sorted(first_up)), heads=tuple(per_side[r] for r in sides)
+        )
 
 
 def load(

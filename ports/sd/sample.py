@@ -252,15 +252,14 @@ class Sampler:
             body, (latents, state, sums), (state.timesteps, weights)
         )
 
-        resolutions = sd.attention_resolutions(
-            side * sd.vae_scale_factor, side * sd.vae_scale_factor
-        )
+        layout = sd.attention_layout(side * sd.vae_scale_factor, side * sd.vae_scale_factor)
         maps = tuple(
             AttentionMaps(
                 cross={r: m / max(sum(mask), 1) for r, m in cross.items()},
                 self_attn={r: m / max(sum(mask), 1) for r, m in self_attn.items()},
                 self_layers=one.self_layers,
-                resolutions=resolutions,
+                resolutions=layout.sides,
+                layout=layout,
             )
             for one, mask, (cross, self_attn) in zip(specs, masks, sums)
         )

@@ -200,8 +200,10 @@ def test_default_sides_on_a_unet_whose_finest_quarter_attends_only_in_the_mid_bl
     # SD's own sides keep finest / 4, and a plain tuple means every side has every layer
     assert code.sides(jaxmask.Layout((8, 16, 32, 64), first_up=(16, 32, 64))) == (16, 32, 64)
     assert code.sides((8, 16, 32, 64)) == (16, 32, 64)
-    # without finest / 4 at all (the 2-level tiny SD: 8, 16): the nearest side, 8
-    assert code.sides((8, 16)) == (8, 16)
+    # without attention at finest / 4 at all (the 2-level tiny SD: 8, 16): name the field
+    with pytest.raises(ValueError, match="needs attention at side 4.*seed_resolution"):
+        code.sides((8, 16))
+    assert methods.get("seediff-code", seed_resolution=8).sides((8, 16)) == (8, 16)
     # the other methods run there too (ca, ca_sa) or name their parameter
     assert methods.get("ca").capture_spec(layout).cross == (4, 8, 16)
     spec = methods.get("ca_sa").capture_spec(layout)

@@ -22,6 +22,16 @@ def tiny_sd2_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    """A tiny 3-level SD 1.x checkpoint whose deepest level has no attention blocks (an
+    ``UpBlock2D`` first): attention at latent sides 16, 8 and 4, the 4 in the mid block only."""
+    pytest.importorskip("torch")
+    from tests.ports.sd.tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd3"), seed=2, three_levels=True)
+
+
+@pytest.fixture(scope="session")
 def sd1(tiny_sd_path):
     """The tiny SD 1.x checkpoint loaded by ``ports.sd.load`` (once per session)."""
     from ports.sd.load import load

@@ -2,6 +2,7 @@
 shapes and dtypes, label values, determinism, batch-size independence, no recompiles, the errors.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -113,10 +114,12 @@ def test_errors(pipe):
         generate(height=60)
     with pytest.raises(ValueError, match="height 64 != width 128"):
         generate(height=64, width=128)
-    with pytest.raises(
-        ValueError, match="needs attention at side 4"
-    ):  # the default SeeDiff on tiny
-        pipe.generate(PROMPTS, 0, classes=CLASSES)
+    with pytest.raises(ValueError, match="needs attention at side 4.*seed_resolution"):
+        pipe.generate(PROMPTS, 0, classes=CLASSES)  # the default SeeDiff on tiny
+    with pytest.raises(ValueError, match="needs attention at side 4.*cross_resolution"):
+        generate(classes=CLASSES, method="ca_sa")  # the default ca_sa on tiny: no CA at 16 / 4
+    with pytest.raises(ValueError, match="seed_resolution=4 has no first up-block"):
+        generate(classes=CLASSES, method=jaxmask.methods.get("seediff-code", seed_resolution=4))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         generate(classes=CLASSES, method="nope")
     with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
@@ -130,3 +133,77 @@ def test_errors(pipe):
     with pytest.raises(ValueError, match="prompts is empty"):
         pipe.generate([], 0)
     assert pipe.sampler.cache_size() == compiled  # every error is raised before sampling
+
+
+# --- every method's default on every UNet ``load`` accepts ------------------------------------
+
+
+def _defaults_run_or_name_a_parameter(pipe) -> dict:
+    """Each preset's default spec on ``pipe``'s UNet, or the ValueError it raises (which must name
+    the parameter to set). A spec that is returned only asks for layers the UNet has: its sides
+    are attention sides, and a ``first_up`` spec's self sides have a first up-block layer."""
+    layout = pipe.layout()
+    specs = {}
+    for name in sorted(jaxmask.methods.PRESETS):
+        cfg = jaxmask.methods.get(name)
+        try:
+            spec = cfg.capture_spec(layout)
+        except ValueError as error:
+            fields = {f.name for f in dataclasses.fields(cfg)}
+            assert any(f in str(error) for f in fields if f.endswith("resolution")), error
+            continue
+        assert set(spec.cross) | set(spec.self_attn) <= set(layout.sides)
+        if spec.self_layers == "first_up":
+            assert set(spec.self_attn) <= set(layout.first_up)
+        specs[name] = spec
+    return specs
+
+
+def test_default_methods_on_the_tiny_unet(pipe):
+    """Attention at 8 and 16 only: finest / 4 = 4 does not exist. ca uses both sides; SeeDiff
+    names seed_resolution and ca_sa cross_resolution, before sampling."""
+    specs = _defaults_run_or_name_a_parameter(pipe)
+    assert sorted(specs) == ["ca"]
+
+
+@pytest.fixture(scope="module")
+def pipe3(tiny_sd3_path):
+    return api.load(tiny_sd3_path)
+
+
+def test_seediff_code_default_on_a_unet_without_a_first_up_layer_at_finest_quarter(pipe3):
+    """3 levels, an UpBlock2D first: at 4 = 16 / 4 only the mid block attends. The default
+    SeeDiff-code used to ask for a first up-block layer at 4 and fail inside the sampler."""
+    assert pipe3.layout() == jaxmask.Layout((4, 8, 16), first_up=(8, 16), heads=(2, 2, 2))
+    result = pipe3.generate(
+        "a photo of a cat", 0, classes="cat", method="seediff-code", steps=2, return_maps=True
+    )
+    assert sorted(result.maps.self_attn) == [8, 16] and sorted(result.maps.cross) == [8]
+    assert result.maps.layout == pipe3.layout()
+    assert result.label_maps.shape == (1, 64, 64) and np.isfinite(result.soft_masks).all()
+    assert set(np.unique(result.label_maps)) <= {0, 1}
+
+
+def test_every_default_runs_on_the_three_level_unet(pipe3):
+    """One sampling pass captures every preset's default spec; each method's masks come out."""
+    from ports.sd.tokenizer import class_ids, tokenize
+
+    specs = _defaults_run_or_name_a_parameter(pipe3)
+    assert sorted(specs) == sorted(jaxmask.methods.PRESETS)  # all four run here
+    names = sorted(specs)
+    ids = tokenize(pipe3.sd.tokenizer, ["a photo of a cat"])
+    samples = pipe3.sampler(
+        ids,
+        tokenize(pipe3.sd.tokenizer, [""]),
+        jax.random.key(0),
+        steps=2,
+        spec=tuple(specs[n] for n in names),
+    )
+    weights = jaxmask.class_token_weights(ids[0], [class_ids(pipe3.sd.tokenizer, "cat")], ["cat"])
+    for name, maps in zip(names, samples.maps):
+        one = jax.tree_util.tree_map(lambda x: x[0], maps)
+        soft, label = jaxmask.extract_masks(
+            one, jax.numpy.asarray(weights), samples.images[0], jaxmask.methods.get(name)
+        )
+        assert soft.shape == (1, 64, 64) and np.isfinite(np.asarray(soft)).all(), name
+        assert set(np.unique(np.asarray(label))) <= {0, 1, 255}, name

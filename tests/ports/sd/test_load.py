@@ -170,6 +170,42 @@ def test_attention_resolutions_match_pytorch(model):
         assert sd.attention_resolutions(image_side, image_side) == tuple(sorted(sides))
 
 
+@pytest.mark.parametrize("flavour", ["tiny_sd_path", "tiny_sd2_path", "tiny_sd3_path"])
+def test_attention_layout_matches_pytorch(flavour, request):
+    """Sides, first up-block layers and heads, read off PyTorch's attn1 modules as they run
+    (the 3-level UNet attends at its deepest side only in the mid block)."""
+    from diffusers import UNet2DConditionModel
+
+    from ports.sd.load import load
+
+    path = request.getfixturevalue(flavour)
+    sd = load(path)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
+    heads, first_up = {}, set()
+    hooks = []
+    for name, module in unet.named_modules():
+        if not name.endswith("attn1"):
+            continue
+
+        def record(module, args, out, name=name):
+            side = int(args[0].shape[1] ** 0.5)
+            assert heads.setdefault(side, module.heads) == module.heads  # one count per side
+            if name.startswith("up_blocks.") and ".attentions.0.transformer_blocks.0." in name:
+                first_up.add(side)
+
+        hooks.append(module.register_forward_hook(record))
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16), torch.tensor([1]), torch.zeros(1, 77, 32))
+    for hook in hooks:
+        hook.remove()
+    layout = sd.attention_layout(64, 64)
+    assert layout.sides == tuple(sorted(heads))
+    assert layout.first_up == tuple(sorted(first_up))
+    assert layout.heads == tuple(heads[r] for r in layout.sides)
+    if flavour == "tiny_sd3_path":
+        assert layout.sides == (4, 8, 16) and layout.first_up == (8, 16)
+
+
 def test_attention_resolutions_errors(model):
     _, sd = model
     with pytest.raises(ValueError, match="square"):

@@ -35,7 +35,7 @@ def _perturb(module, generator, std: float = 0.02) -> None:
             param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
 
 
-def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
+def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False, three_levels: bool = False) -> Path:
     """Write a tiny random diffusers-format Stable Diffusion 1.x (or 2.x) checkpoint folder.
 
     Args:
@@ -43,10 +43,14 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
       seed: seeds the PyTorch initialisation and the perturbation noise.
       sd2: SD 2.x flavour: ``use_linear_projection=True``, per-block head counts, ``gelu`` in CLIP,
         a DDIM scheduler config (SD 1.x: ``quick_gelu``, one head count, a PNDM scheduler config).
+      three_levels: a 3-level UNet whose deepest level has no attention blocks (``DownBlock2D``
+        last, ``UpBlock2D`` first): at latent side 4 only the mid block attends, so there is no
+        first up-block layer at ``finest / 4`` (a valid diffusers config).
 
     Returns:
       ``Path(path)``. The UNet takes 16x16x4 latents (``sample_size`` 16) and the VAE maps them to 64x64
-      images (scale factor 4); attention runs at latent sides 16 (down 0, up 1) and 8 (down 1, mid, up 0).
+      images (scale factor 4); attention runs at latent sides 16 (down 0, up 1) and 8 (down 1, mid, up 0);
+      with ``three_levels`` at 16 (down 0, up 2), 8 (down 1, up 1) and 4 (mid only).
     """
     import torch
     from diffusers import (
@@ -64,17 +68,27 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False) -> Path:
 
     vocab_size = write_clip_tokenizer(path / "tokenizer", WORDS, MAX_LENGTH)
 
+    if three_levels:
+        levels = {
+            "block_out_channels": (32, 32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        }
+    else:
+        levels = {
+            "block_out_channels": (32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        }
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        **levels,
         layers_per_block=1,
         cross_attention_dim=HIDDEN,
         # diffusers' historical naming: for SD this is the number of heads (SD 1.x: 8, SD 2.x: 5/10/20/20).
-        attention_head_dim=(2, 4) if sd2 else 2,
+        attention_head_dim=(2, 4, 4)[: len(levels["block_out_channels"])] if sd2 else 2,
         use_linear_projection=sd2,
         norm_num_groups=32,
     )
