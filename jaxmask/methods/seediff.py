@@ -128,9 +128,8 @@ class SeeDiffConfig:
                 f"(it attends at {list(layout.sides)}); set self_layers='mean'"
             )
         seed = self.seed_resolution
-        if (
-            seed is None
-        ):  # finest / 4 must attend; if not with this layer, the nearest side that does
+        if seed is None:
+            # finest / 4 must attend; if not with this layer, the nearest side that does
             seed = side(layout.sides, 4, f"{self.name} seeds", "seed_resolution")
             seed = seed if seed in have else nearest_side(have, seed)
         elif seed not in have:
