@@ -14,20 +14,28 @@ Two stages, as Stable Diffusion was trained (Rombach et al. 2022, Sec. 3-4):
 
 1. the VAE alone: reconstruction (L1 + L2) of world images plus a KL term weighted 1e-6 (the LDM
    "KL-reg" autoencoder without its perceptual and adversarial losses, which a flat-shaded world does
-   not need), on random ``vae_crop`` px crops (the VAE is convolutional; LDM trains it on crops
-   too); ``scaling_factor`` is then ``1 / std`` of the latents, as SD's 0.18215 was chosen;
+   not need), first on random ``vae_crop`` px crops (the VAE is convolutional; LDM trains it on
+   crops too), then for the last ``vae_full_steps`` on whole images, so the decoder learns the
+   image border; ``scaling_factor`` is then ``1 / std`` of the latents, as SD's 0.18215 was chosen;
 2. the UNet and the text encoder together on frozen-VAE latents: DDPM epsilon prediction (Ho et al.
-   2020, Eq. 14) under SD's own ``scaled_linear`` schedule (beta 0.00085 -> 0.012, 1000 steps), the
-   caption dropped to the empty prompt 10% of the time for classifier-free guidance (Ho & Salimans
-   2022), colour words dropped from 25% of captions so that prompts naming only shapes work too, an
-   exponential moving average of the weights (what is saved).
+   2020, Eq. 14) under SD's own ``scaled_linear`` schedule (beta 0.00085 -> 0.012, 1000 steps),
+   optionally min-SNR-gamma weighted (Hang et al. 2023), the caption dropped to the empty prompt
+   10% of the time for classifier-free guidance (Ho & Salimans 2022), colour words dropped from a
+   share of captions so that prompts naming only shapes work too, an exponential moving average
+   of the weights (what is saved).
 
 The whole training set is rendered once (in worker processes) and kept on the device; batches are
 drawn on the device inside each jitted step, and the host waits once per ``chunk`` steps (the
 progress line). Each batch is split over the local devices (weights and data replicated);
 ``jaxmask train-toy`` makes one CPU device per core, so a CPU trains data-parallel too.
 
-    jaxmask train-toy --preset cpu --out ports/toyworld/model     # the bundled model: 2-core CPU
+Training is resumable (``ports.toyworld.checkpoint``): the whole state is saved every few minutes,
+when the time budget ends and on SIGINT / SIGTERM, and ``--resume`` continues it; step ``i``
+draws its batch and noise from ``fold_in(key, i)``, so a run in segments makes the same weights
+as one run. Every segment is recorded (command, steps, minutes) in ``training.json``.
+
+    jaxmask train-toy --preset cpu --out ports/toyworld/model --max-minutes 120   # then:
+    jaxmask train-toy --preset cpu --out ports/toyworld/model --max-minutes 120 --resume
     jaxmask train-toy --preset gpu --out my-toy                     # 32x32 latents, on a GPU
 """
 

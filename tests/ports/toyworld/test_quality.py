@@ -108,7 +108,7 @@ def test_capture_window_and_stride_reach_the_sampler(pipe, result):
 
 
 def test_bad_input_says_what_to_do(pipe):
-    with pytest.raises(ValueError, match="seed_resolution"):
+    with pytest.raises(ValueError, match="cross_resolution"):  # ca_sa's, the first to fail
         quality.measure(pipe, **{**SHRUNK, "method_overrides": None})
     with pytest.raises(ValueError, match="unknown method"):
         quality.measure(pipe, **{**SHRUNK, "methods": ("nope",), "method_overrides": None})

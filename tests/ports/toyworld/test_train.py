@@ -3,6 +3,9 @@
 
 import json
 import math
+import os
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -123,13 +126,25 @@ def _weights(folder):
     }
 
 
-def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path):
-    """Stopped in the VAE stage, then in the UNet stage, then resumed to the end: the same weights,
-    bit for bit, as the uninterrupted run (the data order comes from the step index)."""
+def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path, monkeypatch):
+    """Stopped by Ctrl-C in the VAE stage, then by the time budget in the UNet stage, then resumed
+    to the end: the same weights, bit for bit, as the uninterrupted run (the data order comes
+    from the step index)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
     straight, _ = smoke_model
     cfg, out = train.PRESETS["smoke"], tmp_path / "model"
-    first = train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9)
+    render = train.render_dataset
+
+    def render_then_ctrl_c(*args, **kwargs):  # SIGINT once training has started
+        scenes_ = render(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return scenes_
+
+    monkeypatch.setattr(train, "render_dataset", render_then_ctrl_c)
+    first = train.train(out, cfg, seed=3, progress=False)
     assert first["vae_steps_done"] == cfg.chunk and not out.exists()  # stopped in the VAE stage
+    monkeypatch.undo()
     second = train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9, resume=True)
     assert (second["vae_steps_done"], second["unet_steps_done"]) == (cfg.vae_steps, cfg.chunk)
     assert out.is_dir()  # every segment past the VAE stage leaves a usable model
