@@ -379,7 +379,7 @@ def _run_chunks(
     one = jax.jit(keyed, donate_argnums=0)
     replicated = NamedSharding(data_mesh(), PartitionSpec())
     state, data = jax.device_put((state, data), replicated)
-    report = reporter(progress, steps, label)
+    report = reporter(progress, steps, label, start)
     curve = list(curve or [])
     done = start
     saved_at = time.perf_counter()
