@@ -427,8 +427,8 @@ def train_toy(
     scratch and save it in diffusers format (the bundled model was made with --preset cpu).
 
     Training is resumable: the state is saved to the checkpoint folder every few minutes and
-    when a segment stops (--max-minutes, or Ctrl-C after the last save); the same command with
-    --resume continues it and gives the same weights as one uninterrupted run."""
+    when a segment stops (--max-minutes, or Ctrl-C: it stops after the current chunk); the same
+    command with --resume continues it and gives the same weights as one uninterrupted run."""
     import jax
 
     if preset not in _train_presets():

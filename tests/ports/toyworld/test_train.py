@@ -175,3 +175,23 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (train.default_checkpoint(out) / "checkpoint.msgpack").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable training checkpoint"):
         train.train(out, cfg, seed=3, progress=False, resume=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--max-minutes", "0"], "--max-minutes must be > 0"),
+        (["--checkpoint-minutes", "-1"], "--checkpoint-minutes must be > 0"),
+        (["--resume"], "no checkpoint at"),
+    ],
+)
+def test_cli_refuses_bad_input_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from ports.cli import app
+
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train-toy", "--out", str(out), "--preset", "smoke", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written
