@@ -438,8 +438,13 @@ def train_toy(
     if not checkpoint_minutes > 0:
         _fail(ValueError(f"--checkpoint-minutes must be > 0, got {checkpoint_minutes}"))
     # XLA runs a CPU device's computation mostly on one thread: one device per core makes the
-    # data-parallel step use every core. Only the CPU backend reads it; it must precede its start.
-    jax.config.update("jax_num_cpu_devices", cpu_devices or min(8, os.cpu_count() or 1))
+    # data-parallel step use every core. Only the CPU backend reads it; it must precede its start,
+    # so a process that has already started JAX (the CLI called in-process) keeps its devices.
+    try:
+        jax.config.update("jax_num_cpu_devices", cpu_devices or min(8, os.cpu_count() or 1))
+    except RuntimeError:
+        if cpu_devices:
+            _fail(ValueError("JAX has started already: run train-toy alone for --cpu-devices"))
     from ports.toyworld import train
 
     try:
