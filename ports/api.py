@@ -30,6 +30,7 @@ import jaxmask
 from jaxmask.maps import AttentionMaps, CaptureSpec
 from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
+from ports.errors import bad_arg
 from ports.sd.sample import Sampler, to_uint8
 from ports.toyworld import MODEL as DEFAULT_MODEL  # what ``load()`` gives without a model
 
@@ -161,8 +162,10 @@ class Pipeline:
         b = len(prompts)
         negatives = _negatives(negative_prompt, b)
         classes = _classes(classes, b)
-        size = self._size(height, width)
-        key = jax.random.key(key) if isinstance(key, (int, np.integer)) else key
+        size = self.check_size(height, width)
+        key = as_key(key)
+        method = _method(method)
+        pamr_cfg = _pamr(pamr)
 
         from ports.sd.tokenizer import class_ids, tokenize
 
@@ -171,7 +174,7 @@ class Pipeline:
 
         method_cfg, weights, spec = None, None, CaptureSpec()
         if classes is not None or return_maps:
-            method_cfg = jaxmask.methods.get(method) if isinstance(method, str) else method
+            method_cfg = method
             spec = method_cfg.capture_spec(self.layout(size))
         if classes is not None:
             weights = np.stack(
@@ -196,7 +199,6 @@ class Pipeline:
         soft_masks = label_maps = None
         if classes is not None:
             check_maps(samples.maps)
-            pamr_cfg = PAMR_DEFAULT if pamr is True else (pamr or None)
             soft, labels = _extract_batch(
                 samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg
             )
@@ -211,7 +213,14 @@ class Pipeline:
             maps=jax.device_get(samples.maps) if return_maps else None,
         )
 
-    def _size(self, height: int | None, width: int | None) -> int:
+    def check_size(self, height: int | None = None, width: int | None = None) -> int:
+        """The square image side ``generate`` uses for ``height``/``width`` (None: the native
+        size; one given sets the other).
+
+        Raises:
+          TypeError, ValueError: not ints, not square, or not a positive multiple of
+            ``size_multiple`` (the message names valid sizes).
+        """
         native, multiple = self.native_size, self.size_multiple
         height = width if height is None else height
         width = height if width is None else width
@@ -228,7 +237,9 @@ class Pipeline:
             f"this model takes square images whose side is a multiple of {multiple}, "
             f"e.g. {', '.join(map(str, valid))} (native {native})"
         )
-        if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))):
+        if not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in (height, width)
+        ):
             raise TypeError(f"height and width must be ints, got {height!r} and {width!r}")
         if height != width:
             raise ValueError(
@@ -237,6 +248,58 @@ class Pipeline:
         if height <= 0 or height % multiple:
             raise ValueError(f"image size {height}x{width} is not valid: {hint}")
         return int(height)
+
+
+#: Seeds JAX's default PRNG takes whole: ``jax.random.key`` keeps only 32 bits of a larger one.
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, SEED_LIMIT)``; larger ones would alias smaller ones."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise bad_arg(
+            name, f"{{}} must be an int in [0, {SEED_LIMIT - 1}], got {seed!r}", kind=TypeError
+        )
+    if not 0 <= seed < SEED_LIMIT:
+        raise bad_arg(
+            name,
+            f"{{}} must lie in [0, {SEED_LIMIT - 1}] (a JAX key holds 32 bits of it, so larger "
+            f"seeds repeat smaller ones), got {seed}",
+        )
+    return int(seed)
+
+
+def as_key(key) -> jax.Array:
+    """A PRNG key from an int seed (``check_seed``) or a key (``jax.random.key(seed)``)."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(check_seed(key, "key"))
+    if isinstance(key, jax.Array) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    ):
+        return key
+    raise TypeError(f"key must be an int seed or jax.random.key(seed), got {key!r}")
+
+
+def _method(method):
+    if isinstance(method, str):
+        return jaxmask.methods.get(method)
+    if isinstance(method, jaxmask.methods.MethodConfig):
+        return method
+    raise TypeError(
+        f"method must be one of {sorted(jaxmask.methods.PRESETS)} or a config from "
+        f"jaxmask.methods.get(name, ...), got {method!r}"
+    )
+
+
+def _pamr(pamr) -> PAMRConfig | None:
+    if pamr is None or pamr is False:
+        return None
+    if pamr is True:
+        return PAMR_DEFAULT
+    if isinstance(pamr, PAMRConfig):
+        return pamr
+    raise TypeError(f"pamr must be True, False, None or a jaxmask.PAMRConfig, got {pamr!r}")
 
 
 def _prompts(prompts) -> list[str]:
@@ -318,7 +381,22 @@ def load(model: str | os.PathLike | None = None, *, dtype: Any = "float32") -> P
         model = DEFAULT_MODEL
     from ports.sd.load import load as load_sd
 
-    return Pipeline(load_sd(model, dtype=jnp.dtype(dtype)))
+    return Pipeline(load_sd(model, dtype=check_dtype(dtype)))
+
+
+#: The dtypes a model can compute in.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype) -> np.dtype:
+    """``dtype`` as a jnp dtype, one of :data:`DTYPES`."""
+    try:
+        value = jnp.dtype(dtype)
+    except TypeError:
+        value = None
+    if value is None or value.name not in DTYPES:
+        raise bad_arg("dtype", f"{{}} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return value
 
 
 @functools.lru_cache(maxsize=1)
@@ -336,5 +414,5 @@ def generate(
     """
     if model is None:
         model = DEFAULT_MODEL
-    pipeline = _cached_pipeline(os.fspath(model), jnp.dtype(dtype).name)
+    pipeline = _cached_pipeline(os.fspath(model), check_dtype(dtype).name)
     return pipeline.generate(prompt_or_prompts, key, **kwargs)

@@ -87,14 +87,11 @@ def generate(
     from ports import plan as plans
     from ports.scale import hosts
 
-    hosts.initialize_distributed(coordinator, num_processes, process_id)
-    try:
-        compile_cache.enable(compilation_cache)
-    except OSError as err:
-        _fail(err)
     if classes is None:
         classes = "voc" if model else "shapes"
     try:
+        if coordinator is not None or num_processes is not None or process_id is not None:
+            hosts.check_cluster(coordinator, num_processes, process_id)
         plan = plans.make_plan(classes, per_class, template, prompts)
         params = tuple((k, _parse_value(v)) for k, v in (_split_param(p) for p in param))
         cfg = gen.RunConfig(
@@ -114,36 +111,51 @@ def generate(
             soft_masks=soft_masks,
         )
         try:
-            cfg.method_config()  # validates the method and its parameters before loading a model
-        except TypeError as err:  # e.g. beta=abc: a string where the method wants a number
-            raise ValueError(
-                f"method {method!r}: a --param value has the wrong type ({err}); give numbers "
-                f"as numbers, e.g. beta=0.5 (got {', '.join(param)})"
-            ) from err
-        if format not in ("voc", "webdataset"):
-            raise ValueError(f"unknown format {format!r}; use voc or webdataset")
-    except ValueError as err:
+            cfg.method_config()
+        except ValueError as err:
+            where = f"--param {' --param '.join(param)}" if param else f"--method {method}"
+            raise ValueError(f"{where}: {err}") from err
+        gen.check(cfg, batch_size)  # everything the model is not needed for, before loading it
+    except (ValueError, TypeError) as err:
+        _fail(err)
+    hosts.initialize_distributed(coordinator, num_processes, process_id)
+    try:
+        compile_cache.enable(compilation_cache)
+    except OSError as err:
         _fail(err)
     import jax
 
-    start = time.perf_counter()
-    with _progress(plan.total, "generate", disable=jax.process_index() != 0) as bar:
-        task = bar.add_task("generate", total=plan.total, rate="")
+    bar = _progress(plan.total, "generate", disable=jax.process_index() != 0)
+    start, task, made = time.perf_counter(), None, 0
 
-        def on_batch(n):
-            bar.update(task, advance=n * jax.process_count())
-            done = bar.tasks[task].completed
-            bar.update(task, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+    def on_start(total, done):  # the folder is open, so every check has passed: draw the bar
+        nonlocal task
+        bar.start()
+        task = bar.add_task("generate", total=total, completed=done, rate="")
 
-        try:
-            result = gen.run(
-                cfg, out, batch_size=batch_size, overwrite=overwrite, on_batch=on_batch
-            )
-        except (ValueError, OSError) as err:
-            _fail(err)
+    def on_batch(n):
+        nonlocal made
+        made += n * jax.process_count()
+        bar.update(task, advance=n * jax.process_count())
+        bar.update(task, rate=f"{made / (time.perf_counter() - start):.2f} img/s")
+
+    try:
+        result = gen.run(
+            cfg,
+            out,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            on_start=on_start,
+            on_batch=on_batch,
+        )
+    except (ValueError, OSError) as err:
+        bar.stop()
+        _fail(err)
+    bar.stop()
     if jax.process_index() == 0:
+        damaged = f", {result.damaged} damaged and made again" if result.damaged else ""
         typer.echo(
-            f"{result.written} generated, {result.resumed} already there, "
+            f"{result.written} generated, {result.resumed} already there{damaged}, "
             f"{result.total} in {result.out} ({result.seconds:.1f} s)"
         )
 
@@ -257,8 +269,11 @@ def _parse_value(text: str):
 
 
 def _fail(err: Exception) -> None:
-    """Bad input: one line that says what to do, exit code 2, no traceback."""
-    typer.echo(f"error: {err}", err=True)
+    """Bad input: one line that says what to do (in flags, see ``ports.errors``), exit code 2,
+    no traceback."""
+    from ports.errors import for_cli
+
+    typer.echo(f"error: {for_cli(err)}", err=True)
     raise typer.Exit(2)
 
 

@@ -9,6 +9,7 @@ own manifest; process 0 merges them after a barrier.
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,13 @@ import numpy as np
 import jaxmask
 from jaxmask.tokens import token_positions
 from ports import api
+from ports.errors import bad_arg
 from ports.plan import Plan
 from ports.scale import hosts
-from ports.store import mask_stats, open_dataset, software_versions
+from ports.sd.sample import check_guidance, check_steps
+from ports.sd.schedulers import canonical_name
+from ports.store import lock, mask_stats, open_dataset, software_versions
+from ports.store.manifest import FORMATS
 
 SOFT_MASK_SIDE = 64  # optional soft masks are stored at 64 x 64 (float16), not at image size
 
@@ -72,6 +77,7 @@ class RunResult:
     written: int
     resumed: int
     seconds: float
+    damaged: int = 0  # items whose files no longer matched the manifest: made again
 
 
 def _label_lookup(plan: Plan, item_classes) -> np.ndarray:
@@ -83,6 +89,65 @@ def _label_lookup(plan: Plan, item_classes) -> np.ndarray:
     return lut
 
 
+#: A dataset's item count is bounded: item ids are 8 digits and the plan is held in memory.
+MAX_ITEMS = 10_000_000
+
+
+def check(cfg: RunConfig, batch_size: int = 4) -> None:
+    """Everything about a run that can be checked without the model (no I/O, nothing created).
+
+    Raises:
+      ValueError, TypeError: the first bad argument, named in API terms (``errors.for_cli`` gives
+        the CLI's wording).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise bad_arg("batch_size", f"{{}} must be an integer >= 1, got {batch_size!r}")
+    if cfg.plan.total > MAX_ITEMS:
+        raise bad_arg(
+            "plan",
+            f"the plan has {cfg.plan.total:,} items; a dataset holds at most {MAX_ITEMS:,} "
+            "(split it into several datasets), so lower {}",
+            cli="--per-class",
+        )
+    if cfg.format not in FORMATS:
+        raise bad_arg("format", f"{{}} must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if not isinstance(cfg.negative_prompt, str):
+        raise bad_arg("negative_prompt", f"{{}} must be a string, got {cfg.negative_prompt!r}")
+    if cfg.size is not None and (
+        isinstance(cfg.size, bool) or not isinstance(cfg.size, int) or cfg.size < 1
+    ):
+        raise bad_arg("size", f"{{}} must be a positive number of pixels, got {cfg.size!r}")
+    cfg.method_config()
+    check_steps(cfg.steps)
+    check_guidance(cfg.guidance)
+    canonical_name(cfg.scheduler)
+    api.check_dtype(cfg.dtype)
+    api.check_seed(cfg.seed)
+
+
+def check_prompts(plan: Plan, tokenizer) -> None:
+    """Every distinct prompt of ``plan`` holds its class words as real tokens within the text
+    encoder's window (checked once per distinct prompt, not per item).
+
+    Raises:
+      ValueError: naming the prompt and what the tokenizer made of the word.
+    """
+    from ports.sd.tokenizer import class_ids, tokenize
+
+    distinct = {}
+    for i in range(min(plan.total, len(plan.prompts) or len(plan.classes) * len(plan.templates))):
+        item = plan.item(i)
+        distinct.setdefault((item.prompt, item.words), None)
+    for prompt, words in distinct:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a truncated prompt fails below, by its class word
+            ids = tokenize(tokenizer, [prompt])[0]
+        try:
+            jaxmask.class_token_weights(ids, [class_ids(tokenizer, w) for w in words], words)
+        except ValueError as err:
+            raise ValueError(f"prompt {prompt!r}: {err}") from err
+
+
 def run(
     cfg: RunConfig,
     out: Path,
@@ -90,44 +155,81 @@ def run(
     batch_size: int = 4,
     overwrite: bool = False,
     pipeline: api.Pipeline | None = None,
+    on_start: Callable[[int, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Generate ``cfg.plan`` into ``out`` (VOC folder or WebDataset shards), resuming if it exists.
 
+    Every argument is checked before the folder is touched (:func:`check` before the model is
+    loaded, then the size, steps, class tokens and memory against it); a refused run leaves
+    nothing on disk. One run writes a folder at a time (``ports.store.lock``).
+
     Args:
       cfg: the run config.
       out: the dataset folder.
-      batch_size: images per sampler call (the last batch is padded; padding is not written).
+      batch_size: images per sampler call (at most the items left; the last batch is padded,
+        padding is not written).
       overwrite: replace a dataset made with another config.
       pipeline: an already loaded pipeline (default ``api.load(cfg.model, dtype=cfg.dtype)``).
+      on_start: called with (items in the dataset, items already there) once the folder is open.
       on_batch: called with the number of items written after each batch (progress).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    check(cfg, batch_size)
+    lock.check(out)  # a busy folder is refused before the model is loaded
     method_cfg = cfg.method_config()
     pipeline = pipeline or api.load(cfg.model, dtype=cfg.dtype)
-    size = pipeline._size(cfg.size, cfg.size)  # validates the size against the UNet
-    method_cfg.capture_spec(pipeline.layout(size))  # ...and the method against its sides
+    size = pipeline.check_size(cfg.size, cfg.size)  # validates the size against the UNet
+    spec = method_cfg.capture_spec(pipeline.layout(size))  # ...and the method against its sides
     plan = cfg.plan
     sd = pipeline.sd
-    if jax.local_device_count() > 1:  # split every batch over this host's devices
+    check_prompts(plan, sd.tokenizer)
+    devices = jax.local_device_count()
+    if batch_size % devices:
+        raise bad_arg(
+            "batch_size",
+            f"{{}} {batch_size} is not a multiple of this host's {devices} devices; use a multiple",
+        )
+    share = len(hosts.global_indices(plan.total, jax.process_index(), jax.process_count()))
+    batch_size = min(batch_size, -(-max(share, 1) // devices) * devices)  # no batch of padding
+    pipeline.sampler.check(
+        batch_size,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        scheduler=cfg.scheduler,
+        size=size,
+        spec=spec,
+    )
+    if devices > 1:  # split every batch over this host's devices
         from ports.scale.mesh import data_mesh
 
-        if batch_size % jax.local_device_count():
-            raise ValueError(
-                f"batch size {batch_size} is not a multiple of this host's "
-                f"{jax.local_device_count()} devices; use a multiple"
-            )
         pipeline.sampler.mesh = data_mesh()
-    dataset = open_dataset(
-        out,
-        cfg.to_json(sd.source, sd.fingerprint, size),
-        overwrite,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        barrier=hosts.barrier,
+    with lock.hold(out, jax.process_index(), hosts.agree):
+        dataset = open_dataset(
+            out,
+            cfg.to_json(sd.source, sd.fingerprint, size),
+            overwrite,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            barrier=hosts.barrier,
+        )
+        todo = dataset.todo(plan.total)
+        if on_start:
+            on_start(plan.total, len(dataset.done))
+        written, seconds = _write(
+            cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch
+        )
+        hosts.barrier("jaxmask-generate-done")
+        if jax.process_index() == 0:
+            dataset.merge()
+    return RunResult(
+        Path(out), plan.total, written, len(dataset.done), seconds, len(dataset.damaged)
     )
-    todo = dataset.todo(plan.total)
+
+
+def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch):
+    """Generate and write this process's ``todo``: (items written, seconds)."""
+    sd = pipeline.sd
+    model = dataset.run_config["model"]  # as first typed: a resumed run's records match
     key = jax.random.key(cfg.seed)
     from ports.sd.tokenizer import class_ids, tokenize
 
@@ -179,7 +281,7 @@ def run(
                     ],
                     "seed": {"rule": hosts.SEED_RULE, "value": cfg.seed},
                     "method": {"name": cfg.method, "params": dataclasses.asdict(method_cfg)},
-                    "model": {"id": sd.source, "fingerprint": sd.fingerprint},
+                    "model": {"id": model["id"], "fingerprint": model["fingerprint"]},
                     "scheduler": cfg.scheduler,
                     "steps": cfg.steps,
                     "guidance": cfg.guidance,
@@ -192,7 +294,4 @@ def run(
                 written += 1
             if on_batch:
                 on_batch(int(np.sum(batch.valid)))
-    hosts.barrier("jaxmask-generate-done")
-    if jax.process_index() == 0:
-        dataset.merge()
-    return RunResult(Path(out), plan.total, written, len(dataset.done), time.perf_counter() - start)
+    return written, time.perf_counter() - start

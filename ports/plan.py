@@ -91,9 +91,16 @@ def parse_classes(spec: str) -> tuple[str, ...]:
         return PRESETS[spec]
     if spec.startswith("@"):
         path = Path(spec[1:])
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"class file {path} does not exist; write one class name per line")
-        names = [line.strip() for line in path.read_text().splitlines()]
+        if not path.is_file():
+            raise ValueError(
+                f"{path} is not a regular file; give a file of class names, one a line"
+            )
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read class file {path} as UTF-8 text: {err}") from err
     else:
         if spec.lower() in _NOT_PRESETS:  # dataset names a user may take for presets
             raise ValueError(
@@ -120,20 +127,36 @@ def check_template(template: str) -> str:
 
 def read_prompts(path: Path, classes: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """A JSONL file of ``{"prompt": ..., "classes": [...]}`` (several classes per prompt)."""
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"prompt file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file; give a JSONL file of prompts")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read prompt file {path} as UTF-8 text: {err}") from err
+    example = '{"prompt": "a cat and a dog", "classes": ["cat", "dog"]}'
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            prompt, names = row["prompt"], tuple(row["classes"])
-        except (ValueError, KeyError, TypeError) as err:
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "prompt" not in row or "classes" not in row:
             raise ValueError(
-                f"{path}:{n}: expected a JSON object with 'prompt' and 'classes', e.g. "
-                '{"prompt": "a cat and a dog", "classes": ["cat", "dog"]}'
-            ) from err
+                f"{path}:{n}: expected a JSON object with 'prompt' and 'classes', e.g. {example}"
+            )
+        prompt, names = row["prompt"], row["classes"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{n}: 'prompt' must be a non-empty string, got {prompt!r}")
+        if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+            raise ValueError(
+                f"{path}:{n}: 'classes' must be a non-empty list of class names, got {names!r}; "
+                f"e.g. {example}"
+            )
+        names = tuple(names)
         unknown = [c for c in names if c not in classes]
         if unknown:
             raise ValueError(

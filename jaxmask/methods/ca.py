@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxmask.maps import AttentionMaps, CaptureSpec, Layout
-from jaxmask.methods._common import check_thresholds, finest
+from jaxmask.methods._common import check_fields, check_thresholds, finest
 from jaxmask.refine import resize
 
 
@@ -38,9 +38,8 @@ class CAConfig:
     ignore_threshold: float | None = None
 
     def __post_init__(self):
+        check_fields(self)
         check_thresholds(self.fg_threshold, self.ignore_threshold)
-        if self.normalize_at not in ("image", "finest"):
-            raise ValueError(f"normalize_at must be 'image' or 'finest', got {self.normalize_at!r}")
 
     def sides(self, resolutions) -> tuple[int, ...]:
         resolutions = Layout.of(resolutions).sides

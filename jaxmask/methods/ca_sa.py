@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxmask.maps import AttentionMaps, CaptureSpec, Layout, normalize_minmax
-from jaxmask.methods._common import check_thresholds, side
+from jaxmask.methods._common import check_fields, check_thresholds, side
 from jaxmask.refine import resize
 
 
@@ -34,6 +34,7 @@ class CASAConfig:
     ignore_threshold: float | None = 0.5
 
     def __post_init__(self):
+        check_fields(self)
         check_thresholds(self.fg_threshold, self.ignore_threshold)
         if self.power < 1:
             raise ValueError(f"power must be >= 1, got {self.power}")

@@ -36,7 +36,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from jaxmask.maps import AttentionMaps, CaptureSpec, Layout, class_cross, normalize_minmax
-from jaxmask.methods._common import check_thresholds, check_unit, nearest_side, side
+from jaxmask.methods._common import (
+    check_fields,
+    check_thresholds,
+    check_unit,
+    nearest_side,
+    side,
+)
 from jaxmask.refine import resize
 from jaxmask.threshold import threshold_otsu, threshold_otsu_levels
 
@@ -93,21 +99,9 @@ class SeeDiffConfig:
     ignore_threshold: float | None = None
 
     def __post_init__(self):
-        choices = {
-            "seed_rule": ("alpha", "alpha_squared", "otsu_squared"),
-            "otsu": ("float", "cv2"),
-            "expansion": ("mean_rows", "cosine"),
-            "self_layers": ("mean", "first_up"),
-            "upsample": ("bilinear", "bicubic", "bicubic_cv2"),
-            "background": ("final", "every_stage"),
-            "ca_layer_norm": ("none", "max", "minmax", "minmax_damped"),
-            "step_norm": ("none", "max"),
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        check_fields(self)
         check_unit("alpha", self.alpha)
-        check_thresholds(self.beta, self.ignore_threshold)
+        check_thresholds(self.beta, self.ignore_threshold, fg_name="beta")
 
     @property
     def fg_threshold(self) -> float:

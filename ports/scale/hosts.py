@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ports.errors import bad_arg, flag, with_cli
+
 #: How an item's key is made; record it in the manifest with the base seed.
 SEED_RULE = "jax.random.fold_in(jax.random.key(base_seed), global_index)"
 
@@ -135,6 +137,8 @@ def initialize_distributed(
         return False
     if not auto and coordinator_address is None and num_processes is None and process_id is None:
         return False
+    if not auto:
+        check_cluster(coordinator_address, num_processes, process_id)
     if jax.distributed.is_initialized():
         return True
     jax.distributed.initialize(
@@ -145,6 +149,56 @@ def initialize_distributed(
         **kwargs,
     )
     return True
+
+
+def check_cluster(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """The explicit multi-process arguments go together: all three, each well formed.
+
+    Raises:
+      ValueError: naming the missing or bad argument (in CLI terms via ``errors.for_cli``).
+    """
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    missing = [name for name, value in given.items() if value is None]
+    if missing and num_processes != 1:
+        flags = {"coordinator_address": "--coordinator"}
+        text = (
+            "a multi-process run needs {} as well (every process gets the same coordinator "
+            "host:port and process count, and its own id from 0)"
+        )
+        raise with_cli(
+            ValueError(text.format(", ".join(missing))),
+            text.format(", ".join(flags.get(m, flag(m)) for m in missing)),
+        )
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise bad_arg("num_processes", f"{{}} must be an integer >= 1, got {num_processes!r}")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise bad_arg(
+            "process_id", f"{{}} must lie in [0, {num_processes - 1}], got {process_id!r}"
+        )
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad_arg(
+            "coordinator_address",
+            f"{{}} must be host:port, e.g. 10.0.0.1:1234, got {coordinator_address!r}",
+            cli="--coordinator",
+        )
+
+
+def agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process (every process must call it); ``ok`` for one process.
+
+    Lets all processes act on a decision only process 0 can make (taking the dataset's lock)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
 def barrier(name: str) -> None:

@@ -497,12 +497,20 @@ def _read_weights(component: Path) -> dict[str, np.ndarray]:
     """The component's PyTorch state dict as numpy arrays."""
     state: dict[str, np.ndarray] = {}
     for file in _weight_files(component):
-        if file.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.numpy import load_file
 
-            state.update(load_file(file))
-        else:
-            state.update(_read_bin(file))
+                state.update(load_file(file))
+            else:
+                state.update(_read_bin(file))
+        except (ImportError, MemoryError):
+            raise
+        except Exception as error:  # safetensors' SafetensorError, torch's unpickling errors, ...
+            raise ValueError(
+                f"cannot read the weights in {file}: it is damaged or truncated "
+                f"({type(error).__name__}: {error}). Copy or download the checkpoint again."
+            ) from error
     return state
 
 

@@ -27,6 +27,8 @@ Example::
     out.maps.cross    # {16: (b, l, 16, 16, 77)}
 """
 
+import math
+import os
 from typing import Any
 
 import flax.struct
@@ -37,6 +39,7 @@ import numpy as np
 import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import AttentionMaps, CaptureSpec
 from ports.sd import schedulers
+from ports.errors import bad_arg, with_cli
 from ports.sd.capture import MAPS, NOTHING, intercept_attention, step_maps
 
 _VAE_SCALING = 0.18215  # SD 1.x / 2.x; a VAE config's scaling_factor wins
@@ -58,6 +61,44 @@ class Samples:
     images: jax.Array
     latents: jax.Array
     maps: AttentionMaps
+
+
+def check_steps(steps, trained: int | None = None) -> int:
+    """``steps`` as an int in ``[1, trained]`` (the scheduler's training timesteps, when known):
+    more steps than the model was trained with repeat timestep 1 and sample noise."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise bad_arg("steps", f"{{}} must be a whole number of denoising steps, got {steps!r}")
+    if steps < 1 or (trained is not None and steps > trained):
+        bound = f"[1, {trained}] (the scheduler's training timesteps)" if trained else ">= 1"
+        raise bad_arg("steps", f"{{}} must lie in {bound}, got {steps}")
+    return int(steps)
+
+
+def check_guidance(guidance) -> float:
+    """``guidance`` as a finite float >= 0 (1 is no guidance; SD's usual is 7.5)."""
+    number = isinstance(guidance, (int, float, np.integer, np.floating))
+    if isinstance(guidance, bool) or not number or not math.isfinite(guidance) or guidance < 0:
+        raise bad_arg(
+            "guidance", f"{{}} must be a finite number >= 0 (1: no guidance), got {guidance!r}"
+        )
+    return float(guidance)
+
+
+def available_memory() -> int | None:
+    """Bytes one device can hold: the accelerator's limit, or the host's available RAM on CPU."""
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
 
 
 def initial_noise(key: jax.Array, item_ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -109,6 +150,84 @@ class Sampler:
         """How many programs the jitted sampler has compiled (for no-recompile tests)."""
         return self._run._cache_size()
 
+    def check(
+        self,
+        b: int,
+        *,
+        steps: int = 50,
+        guidance: float = 7.5,
+        scheduler: str = "ddim",
+        size: int | None = None,
+        spec: CaptureSpec | tuple[CaptureSpec, ...] = NOTHING,
+    ) -> tuple[int, str]:
+        """Validate one call's arguments without compiling anything: ``(size, scheduler name)``.
+
+        Raises:
+          ValueError: steps outside ``[1, num_train_timesteps]`` (more steps than the model was
+            trained with repeat timestep 1: pure noise), a negative or non-finite guidance, an
+            unknown scheduler, an image size the UNet cannot take, a spec this UNet cannot fill,
+            or a batch and size whose attention would not fit in memory (see
+            :meth:`memory_estimate`).
+        """
+        check_steps(steps, int(self.sd.scheduler_config.get("num_train_timesteps", 1000)))
+        check_guidance(guidance)
+        size = self.native_size() if size is None else int(size)
+        resolutions = self.sd.attention_resolutions(size, size)  # validates the size
+        name = schedulers.canonical_name(scheduler)
+        calls = self.num_model_calls(steps, name)
+        if spec == ():
+            raise ValueError("spec is an empty tuple; pass CaptureSpec() to capture nothing")
+        for one in spec if isinstance(spec, tuple) else (spec,):
+            missing = sorted((set(one.cross) | set(one.self_attn)) - set(resolutions))
+            if missing:
+                raise ValueError(
+                    f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px "
+                    f"this UNet attends at {list(resolutions)}; build the spec from these "
+                    "resolutions"
+                )
+            if _captures(one) and not any(one.steps_mask(calls)):
+                raise ValueError(
+                    f"the spec's step window {one.step_window} (every {one.every}) selects none "
+                    f"of the {calls} denoising steps; widen the window or take more steps"
+                )
+        need, have = self.memory_estimate(b, size, spec), available_memory()
+        if have is not None and need > have:
+            text = (
+                f"{b} image(s) of {size} px need at least {need / 2**30:.1f} GiB (attention "
+                f"and weights), more than the {have / 2**30:.1f} GiB this device has; lower {{}}"
+            )
+            raise with_cli(
+                ValueError(text.format("the batch size or the image size")),
+                text.format("--batch-size or --size"),
+            )
+        return size, name
+
+    def memory_estimate(
+        self, b: int, size: int, spec: CaptureSpec | tuple[CaptureSpec, ...] = NOTHING
+    ) -> int:
+        """A lower bound on one sampler call's peak memory in bytes, from the shapes alone.
+
+        The terms that grow fastest: the self-attention scores at the finest side for both CFG
+        branches (``2b x heads x n^2``, ``n = side^2`` tokens, in the compute dtype), the captured
+        self maps (``b x n^2`` float32 per captured side) and the params. It is an estimate to
+        refuse what cannot fit before compiling; XLA needs more than this.
+        """
+        sd = self.sd
+        layout = sd.attention_layout(size, size)
+        itemsize = jnp.dtype(sd.dtype).itemsize
+        top = max(layout.sides)
+        scores = 2 * b * layout.heads_at(top) * top**4 * itemsize
+        captured = sum(
+            b * r**4 * 4
+            for one in (spec if isinstance(spec, tuple) else (spec,))
+            for r in one.self_attn
+        )
+        params = sum(
+            x.size * x.dtype.itemsize
+            for x in jax.tree.leaves((sd.unet_params, sd.vae_params, sd.text_params))
+        )
+        return int(scores + captured + params)
+
     def __call__(
         self,
         ids,
@@ -157,25 +276,9 @@ class Sampler:
         item_ids = jnp.asarray(item_ids, jnp.int32)
         if item_ids.shape != (b,):
             raise ValueError(f"item_ids must have shape ({b},), got {item_ids.shape}")
-        size = self.native_size() if size is None else int(size)
-        resolutions = self.sd.attention_resolutions(size, size)  # validates the size
-        name = schedulers.canonical_name(scheduler)
-        calls = self.num_model_calls(steps, name)
-        if spec == ():
-            raise ValueError("spec is an empty tuple; pass CaptureSpec() to capture nothing")
-        for one in spec if isinstance(spec, tuple) else (spec,):
-            missing = sorted((set(one.cross) | set(one.self_attn)) - set(resolutions))
-            if missing:
-                raise ValueError(
-                    f"the capture spec asks for resolution(s) {missing}, but at {size}x{size} px "
-                    f"this UNet attends at {list(resolutions)}; build the spec from these "
-                    "resolutions"
-                )
-            if _captures(one) and not any(one.steps_mask(calls)):
-                raise ValueError(
-                    f"the spec's step window {one.step_window} (every {one.every}) selects none "
-                    f"of the {calls} denoising steps; widen the window or take more steps"
-                )
+        size, name = self.check(
+            b, steps=steps, guidance=guidance, scheduler=scheduler, size=size, spec=spec
+        )
         sd = self.sd
         params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
         batch = (ids, negative_ids, item_ids)

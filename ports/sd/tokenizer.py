@@ -74,6 +74,15 @@ def class_ids(tokenizer, name: str) -> list[int]:
     ids = _word_ids(tokenizer, name)
     if not ids:
         raise ValueError(f"class name {name!r} has no tokens; give a non-empty name such as 'cat'")
+    special = {tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    special |= {tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()
+    if special & set(ids):
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(
+            f"class name {name!r} is not in the tokenizer's vocabulary: it tokenizes to {pieces}, "
+            "which holds unknown, padding or start/end tokens whose attention is not the class's; "
+            "use a word the model's tokenizer has"
+        )
     return ids
 
 

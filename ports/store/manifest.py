@@ -38,7 +38,9 @@ import numpy as np
 
 from ports.scale.hosts import global_indices, owner
 from ports.store import atomic
+from ports.errors import with_cli
 from ports.store.atomic import StoreError
+from ports.store.lock import LOCK
 
 RUN_CONFIG = "jaxmask_run.json"
 MANIFEST = "manifest.jsonl"
@@ -365,7 +367,16 @@ def _differences(old, new, prefix="") -> list[str]:
 
 def _holds_only_temps(out: Path) -> bool:
     # The run config may appear while we look: process 0 creating the folder for everyone.
-    return all(atomic.is_temp(e.name) or e.name == RUN_CONFIG for e in out.iterdir())
+    return all(atomic.is_temp(e.name) or e.name in (RUN_CONFIG, LOCK) for e in out.iterdir())
+
+
+def _content(config: Mapping) -> dict:
+    """The run config less what names the weights without deciding them: the model as typed
+    (``m``, ``./m/``, a moved checkout); its fingerprint stays."""
+    config = json.loads(json.dumps(config))
+    if isinstance(config.get("model"), dict):
+        config["model"].pop("id", None)
+    return config
 
 
 def _wipe(out: Path) -> None:
@@ -401,6 +412,8 @@ class Dataset:
       process_index, process_count: this process and how many write the dataset.
       done: global indices whose manifest line and files are all present (any process's).
       resumed: whether the folder held a dataset with the same config.
+      damaged: global indices with a manifest line whose files were changed or lost since
+        (size or sha256 differ): they are made again, like the items never finished.
     """
 
     out: Path
@@ -409,6 +422,7 @@ class Dataset:
     process_count: int
     done: frozenset[int]
     resumed: bool
+    damaged: frozenset[int] = frozenset()
 
     @property
     def format(self) -> str:
@@ -497,18 +511,19 @@ def open_dataset(
                 out,
             )
         action = "create"
-    elif stored == config and not overwrite:
-        action = "resume"
+    elif _content(stored) == _content(config) and not overwrite:
+        action, config = "resume", stored  # keeps the model as first typed
     elif overwrite:
         action = "overwrite"
     else:
-        changed = ", ".join(_differences(stored, config)[:8])
-        raise StoreError(
-            errno.EEXIST,
+        changed = ", ".join(_differences(_content(stored), _content(config))[:8])
+        text = (
             f"{out} holds a dataset made with a different run config (differs in: {changed}). "
-            "Choose another output folder, or pass --overwrite (open_dataset(..., overwrite=True)) "
-            "to delete that dataset's files and start again.",
-            out,
+            "Choose another output folder, or pass {} to delete that dataset's files and start "
+            "again."
+        )
+        raise with_cli(
+            StoreError(errno.EEXIST, text.format("overwrite=True"), out), text.format("--overwrite")
         )
 
     if process_index == 0:
@@ -523,6 +538,7 @@ def open_dataset(
     records, per_file, files = _read_all(out)
     complete = fmt.complete(out, records)
     finished = _finished(records, complete)
+    damaged = {r["global_index"] for r, ok in zip(records, complete) if not ok} - set(finished)
     fmt.clean(out, finished, process_index, process_count)
     start = 0
     for (path, process), file_records in zip(files, per_file):
@@ -537,6 +553,7 @@ def open_dataset(
         process_count=process_count,
         done=frozenset(finished),
         resumed=action == "resume",
+        damaged=frozenset(damaged),
     )
 
 

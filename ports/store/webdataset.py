@@ -17,6 +17,7 @@ lines naming it; a resumed run deletes incomplete shards and makes their items a
 fixed metadata (mtime 0, uid 0, mode 0o644), so equal items give byte-equal shards.
 """
 
+import hashlib
 import io
 import os
 import re
@@ -215,24 +216,60 @@ def _members(record: dict) -> set[str]:
     return {entry["path"] for entry in files.values()} | {f"{record['id']}.json"}
 
 
-def _tar_names(path: Path) -> set[str] | None:
+def _tar_digests(path: Path) -> dict[str, tuple[int, str]] | None:
+    """Each member's (size, sha256), or None when the shard is missing or not a readable tar."""
     try:
         with tarfile.open(path, mode="r:") as archive:
-            return set(archive.getnames())
-    except (OSError, tarfile.TarError):
+            digests = {}
+            for member in archive:
+                data = archive.extractfile(member).read() if member.isfile() else b""
+                digests[member.name] = (len(data), hashlib.sha256(data).hexdigest())
+            return digests
+    except (OSError, tarfile.TarError, EOFError):
         return None
 
 
-def complete(out: Path, records: list[dict]) -> list[bool]:
-    """For each record, whether its shard exists and holds exactly the members of the records
-    that name it."""
+def problems(out: Path, records: list[dict]) -> list[str | None]:
+    """For each record, what is wrong with its shard (None: the shard holds exactly the members of
+    the records naming it, and this record's files with the recorded size and sha256). A record
+    is only as good as its shard: one damaged member makes its shard's items be made again."""
     expected: dict[str, set[str]] = {}
     for record in records:
         shard = record.get("shard")
         if isinstance(shard, str) and _SHARD.fullmatch(shard):
             expected.setdefault(shard, set()).update(_members(record))
-    good = {shard for shard, names in expected.items() if _tar_names(out / shard) == names}
-    return [record.get("shard") in good for record in records]
+    digests = {shard: _tar_digests(out / shard) for shard in expected}
+    found: list[str | None] = []
+    for record in records:
+        shard = record.get("shard")
+        if shard not in expected:
+            found.append(f"the record names no valid shard ({shard!r})")
+            continue
+        members = digests[shard]
+        if members is None:
+            found.append(f"{shard} is missing or not a readable tar file")
+            continue
+        if set(members) != expected[shard]:
+            extra = sorted(set(members) ^ expected[shard])[:3]
+            found.append(f"{shard} does not hold exactly its items' members ({', '.join(extra)})")
+            continue
+        bad = [
+            entry["path"]
+            for entry in (record.get("files") or {}).values()
+            if members.get(entry.get("path")) != (entry.get("bytes"), entry.get("sha256"))
+        ]
+        found.append(f"{shard}: {bad[0]} differs from what was written" if bad else None)
+    # A shard with one bad item is incomplete for all of its items.
+    damaged = {r.get("shard") for r, p in zip(records, found) if p is not None}
+    return [
+        p if p is not None or r.get("shard") not in damaged else f"{r['shard']} holds a damaged item"
+        for r, p in zip(records, found)
+    ]
+
+
+def complete(out: Path, records: list[dict]) -> list[bool]:
+    """For each record, whether its shard is intact (see :func:`problems`)."""
+    return [p is None for p in problems(out, records)]
 
 
 def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_count: int) -> None:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from ports.errors import for_cli
 from ports.store import (
     MANIFEST,
     REQUIRED_KEYS,
@@ -116,7 +117,7 @@ def test_another_config_is_refused_unless_overwrite(tmp_path):
     message = str(caught.value)
     assert str(out) in message and "different run config" in message
     assert "model" in message and "base_seed" in message and "total" not in message
-    assert "--overwrite" in message
+    assert "overwrite=True" in message and "--overwrite" in for_cli(caught.value)
     assert snapshot(out) == before  # refused: nothing touched
 
     dataset = open_dataset(out, other, overwrite=True)
