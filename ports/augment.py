@@ -172,7 +172,16 @@ def open_source(src: str | Path) -> Source:
         for record in read_manifest(path)[0]:
             latest[record["global_index"]] = record
     records = [latest[i] for i in sorted(latest)]
-    records = [r for r, ok in zip(records, voc.complete(src, records)) if ok]
+    damaged = [(r["id"], p) for r, p in zip(records, voc.problems(src, records)) if p]
+    if damaged:
+        names = ", ".join(f"{name} ({problem})" for name, problem in damaged[:3])
+        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise StoreError(
+            None,
+            f"source dataset {src} has {len(damaged)} damaged item(s): {names}{more}. Run the "
+            "jaxmask generate command that made it again (it remakes them), then augment.",
+            src,
+        )
     if not records:
         raise StoreError(
             None,

@@ -112,8 +112,9 @@ def generate(
         )
         try:
             cfg.method_config()
-        except ValueError as err:
-            where = f"--param {' --param '.join(param)}" if param else f"--method {method}"
+        except ValueError as err:  # name the flag the error is about
+            named = [p for p in param if str(err).startswith(_split_param(p)[0] + " ")]
+            where = f"--param {named[0]}" if named else f"--method {method}"
             raise ValueError(f"{where}: {err}") from err
         gen.check(cfg, batch_size)  # everything the model is not needed for, before loading it
     except (ValueError, TypeError) as err:
@@ -149,7 +150,8 @@ def generate(
             on_batch=on_batch,
         )
     except (ValueError, OSError) as err:
-        bar.stop()
+        if task is not None:
+            bar.stop()
         _fail(err)
     bar.stop()
     if jax.process_index() == 0:
@@ -158,6 +160,49 @@ def generate(
             f"{result.written} generated, {result.resumed} already there{damaged}, "
             f"{result.total} in {result.out} ({result.seconds:.1f} s)"
         )
+
+
+@app.command()
+def verify(
+    dataset: Path = typer.Argument(..., metavar="DATASET", help="a jaxmask dataset folder"),
+) -> None:
+    """Check every item's files against the manifest (size and sha256). Exits 1 and names the
+    items when any differ or are missing; `jaxmask generate` with the same flags remakes them."""
+    import time
+
+    from ports.store import StoreError
+    from ports.store import verify as verify_dataset
+
+    start = time.perf_counter()
+    try:
+        found = verify_dataset(dataset)
+    except (StoreError, ValueError) as err:
+        _fail(err)
+    from ports.store.manifest import read_run_config
+
+    plan = read_run_config(dataset).get("plan") or {}
+    total = plan.get("items_per_class", 0) * len(plan.get("classes", ())) or None
+    seconds = time.perf_counter() - start
+    for name, problem in found.problems:
+        typer.echo(f"{name}: {problem}")
+    missing = total - len(found.items) - len(found.problems) if total else 0
+    if found.problems:
+        typer.echo(
+            f"{len(found.problems)} damaged item(s) in {dataset}: run the same jaxmask generate "
+            "command again to make them again",
+            err=True,
+        )
+    if missing > 0:
+        typer.echo(
+            f"{missing} of {total} items are not made yet: run the same jaxmask generate "
+            "command again to finish",
+            err=True,
+        )
+    if found.problems or missing > 0:
+        raise typer.Exit(1)
+    typer.echo(
+        f"ok: {len(found.items)} items in {dataset}, every file as written ({seconds:.1f} s)"
+    )
 
 
 @app.command()
@@ -214,9 +259,16 @@ def sheet(
         names = [tuple(c.strip() for c in text.split(",") if c.strip()) for text in classes]
     import jax
 
+    import jaxmask
     from ports import api
+    from ports.sd.sample import check_guidance, check_steps
 
     try:
+        render.check_png_path(out)
+        check_steps(steps)
+        check_guidance(guidance)
+        api.check_seed(seed)
+        jaxmask.methods.get(method)  # an unknown method fails before the model loads
         compile_cache.enable(compilation_cache)
         pipe = api.load(model)
         rows = []
@@ -323,8 +375,16 @@ def augment(
 
     cfg = DIFFUMASK
     try:
-        if grids:
-            pairs = [tuple(int(v) for v in g.lower().split("x")) for g in grids.split(",")]
+        if size is not None and size < 1:
+            raise ValueError(f"--size must be a positive number of pixels, got {size}")
+        if grids is not None:
+            pairs = [g.strip().lower().split("x") for g in grids.split(",")]
+            if not all(len(p) == 2 and all(v.isdigit() and int(v) > 0 for v in p) for p in pairs):
+                raise ValueError(
+                    f"--grids takes ROWSxCOLS mosaics separated by commas, e.g. 1x2,2x2,3x3; "
+                    f"got {grids!r}"
+                )
+            pairs = [tuple(int(v) for v in p) for p in pairs]
             cfg = AugmentConfig(grids=tuple(pairs), grid_weights=(1.0,) * len(pairs))
         cfg = dataclasses.replace(
             cfg, perspective_prob=perspective, occlusion_prob=occlusion, noise_prob=noise
@@ -346,7 +406,7 @@ def augment(
                 seed,
                 cfg,
                 count,
-                size=(size, size) if size else None,
+                size=(size, size) if size is not None else None,
                 overwrite=overwrite,
                 on_item=on_item,
             )

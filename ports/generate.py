@@ -139,12 +139,19 @@ def check_prompts(plan: Plan, tokenizer) -> None:
         item = plan.item(i)
         distinct.setdefault((item.prompt, item.words), None)
     for prompt, words in distinct:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a truncated prompt fails below, by its class word
+        with warnings.catch_warnings(record=True) as truncated:
+            warnings.simplefilter(
+                "always"
+            )  # a truncated prompt is refused below if it loses a word
             ids = tokenize(tokenizer, [prompt])[0]
         try:
             jaxmask.class_token_weights(ids, [class_ids(tokenizer, w) for w in words], words)
         except ValueError as err:
+            if truncated:
+                raise ValueError(
+                    f"{truncated[0].message}, and {err}: shorten the prompt so that its class "
+                    "words come within the text encoder's window"
+                ) from err
             raise ValueError(f"prompt {prompt!r}: {err}") from err
 
 

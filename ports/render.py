@@ -41,11 +41,35 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], tile: int = 160) -> 
 
 
 def write_sheet(rows, path: Path, tile: int = 160) -> Path:
-    path = Path(path)
+    path = check_png_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    contact_sheet(rows, tile).save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        contact_sheet(rows, tile).save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_png_path(path) -> Path:
+    """``path`` as a place to write a PNG: not a folder, and its parent not a file.
+
+    Raises:
+      ValueError: saying which, and what to give instead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder; give the PNG file to write, e.g. {path / 'sheet.png'}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"{parent} is a file, not a folder; choose another path for {path.name}"
+                )
+            break
     return path
 
 

@@ -26,6 +26,7 @@ from ports.store.manifest import (
     read_manifest,
     software_versions,
     validate_record,
+    verify,
 )
 from ports.store.voc import VOC_PALETTE, VocWriter
 from ports.store.webdataset import ShardWriter
@@ -47,4 +48,5 @@ __all__ = [
     "read_manifest",
     "software_versions",
     "validate_record",
+    "verify",
 ]

@@ -599,3 +599,49 @@ def merge_manifests(out: str | os.PathLike) -> list[dict]:
             atomic.remove_quietly(path)
     atomic.fsync_folder(out)
     return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """What :func:`verify` found.
+
+    Attributes:
+      items: global indices with a manifest line whose files are intact.
+      problems: ``(item id, what is wrong)`` for each item whose files differ from what its
+        manifest line records (lost, resized, or another sha256).
+      merged: whether ``manifest.jsonl`` is the only manifest (the run finished and merged).
+    """
+
+    items: frozenset[int]
+    problems: tuple[tuple[str, str], ...]
+    merged: bool
+
+
+def verify(out: str | os.PathLike) -> Verification:
+    """Check every item of the dataset in ``out`` against its manifest line: each file's size and
+    sha256 (VOC), or each shard's members (WebDataset). Reads every file; writes nothing.
+
+    Raises:
+      StoreError: ``out`` is not a jaxmask dataset, or a manifest line is not a record.
+    """
+    out = Path(out)
+    config = read_run_config(out)
+    if config is None:
+        raise StoreError(
+            errno.ENOENT, f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset folder.", out
+        )
+    fmt = importlib.import_module(FORMATS[config.get("format", DEFAULT_FORMAT)])
+    records, _, files = _read_all(out)
+    found = fmt.problems(out, records)
+    finished = _finished(records, [p is None for p in found])
+    problems = {}
+    for record, problem in zip(records, found):
+        index = record["global_index"]
+        if problem is not None and index not in finished:
+            problems[index] = problem
+    return Verification(
+        items=frozenset(finished),
+        problems=tuple((item_id(i), problems[i]) for i in sorted(problems)),
+        merged=[process for _, process in files] == [None],
+    )
+

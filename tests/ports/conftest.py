@@ -45,3 +45,10 @@ def sd2(tiny_sd2_path):
     from ports.sd.load import load
 
     return load(tiny_sd2_path)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's subprocesses: only the first one
+    compiles the sampler (a cached executable gives the same results as a fresh compile)."""
+    return tmp_path_factory.mktemp("jax_cache")

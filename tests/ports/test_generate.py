@@ -11,7 +11,6 @@ The tiny model attends at sides (8, 16) at its native 64 px, so SeeDiff needs
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -25,102 +24,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from ports.cli import app
-
-ROOT = Path(__file__).resolve().parents[2]
-CLASSES = ("cat", "dog")
-PER_CLASS = 3
-TOTAL = PER_CLASS * len(CLASSES)
-IDS = [f"{i:08d}" for i in range(TOTAL)]
-SIDE = 64  # the tiny model's native size
-RUN_TIMEOUT = 240
-# In this process tests/conftest.py simulates 4 CPU devices, and a run splits each batch over the
-# host's devices: runs made here use a batch size they divide. Subprocesses get one device.
-IN_PROCESS_BATCH = 4
-
-
-def generate_args(out, model, *extra, batch_size=2):
-    return [
-        "generate",
-        "--out",
-        str(out),
-        "--classes",
-        ",".join(CLASSES),
-        "-n",
-        str(PER_CLASS),
-        "--model",
-        str(model),
-        "--steps",
-        "3",
-        "--batch-size",
-        str(batch_size),
-        "--param",
-        "seed_resolution=8",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's subprocesses: only the first one
-    compiles the sampler (a cached executable gives the same results as a fresh compile)."""
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-def cli_process(args, cache):
-    """``python -m ports.cli ARGS`` as a real process, on one CPU device."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT),
-        "XLA_FLAGS": "",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "ports.cli", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def finish(process) -> str:
-    try:
-        output = process.communicate(timeout=RUN_TIMEOUT)[0].decode(errors="replace")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, output
-    return output
-
-
-def snapshot(folder) -> dict[str, bytes]:
-    """Every file under ``folder`` by relative path, with its bytes."""
-    folder = Path(folder)
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def invoke(*args):
-    """The CLI in this process; returns (exit code, stdout + stderr)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.ports.clitools import (
+    CLASSES,
+    IDS,
+    IN_PROCESS_BATCH,
+    RUN_TIMEOUT,
+    SIDE,
+    TOTAL,
+    cli_process,
+    finish,
+    free_port,
+    generate_args,
+    invoke,
+    snapshot,
+)
 
 
 def label_array(data: bytes) -> np.ndarray:
@@ -395,7 +313,7 @@ BAD_INPUTS = {
     "unknown method": (["--method", "maskclip"], ["seediff-code", "ca"]),
     "param without =": (["--param", "beta"], ["NAME=VALUE"]),
     "unknown param": (["--param", "gamma=1"], ["gamma", "beta"]),
-    "param of the wrong type": (["--param", "beta=abc"], ["beta=abc", "e.g. beta=0.5"]),
+    "param of the wrong type": (["--param", "beta=abc"], ["--param beta=abc", "finite number"]),
     "param the model cannot take": (["--param", "seed_resolution=32"], ["32", "16"]),
     "size the UNet cannot take": (["--size", "50"], ["multiple of", "64"]),
     "model folder missing": (["--model", "/nonexistent/sd"], ["/nonexistent/sd", "Hub id"]),
@@ -439,3 +357,113 @@ def test_output_under_a_regular_file_is_refused(tiny_sd_path, tmp_path):
     assert code == 2, output
     assert str(blocker) in output and "Traceback" not in output, output
     assert blocker.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. integrity: damaged files, one writer per folder, the model keyed by its weights
+
+
+def garble(path: Path) -> None:
+    """Overwrite ``path`` with garbage of the same size (what a bad disk or a stray copy does)."""
+    path.write_bytes(bytes((b + 1) % 256 for b in path.read_bytes()))
+
+
+def test_damaged_files_are_named_by_verify_and_made_again(reference, tiny_sd_path, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(reference[0], out)
+    code, output = invoke("verify", out)
+    assert code == 0 and f"ok: {TOTAL} items" in output, output
+    garble(out / "SegmentationClass" / f"{IDS[1]}.png")
+    garble(out / "JPEGImages" / f"{IDS[4]}.jpg")
+
+    code, output = invoke("verify", out)
+    assert code == 1, output
+    assert f"{IDS[1]}: SegmentationClass/{IDS[1]}.png differs" in output, output
+    assert f"{IDS[4]}: JPEGImages/{IDS[4]}.jpg differs" in output, output
+    assert "2 damaged item(s)" in output and "not made yet" not in output, output
+
+    code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH))
+    assert code == 0, output
+    assert f"2 generated, {TOTAL - 2} already there, 2 damaged and made again" in output, output
+    assert snapshot(out) == reference[1]
+
+
+def test_verify_reports_a_shard_with_a_damaged_member(tiny_sd_path, tmp_path):
+    out = tmp_path / "wds"
+    args = generate_args(out, tiny_sd_path, "--format", "webdataset", batch_size=IN_PROCESS_BATCH)
+    code, output = invoke(*args)
+    assert code == 0, output
+    before = snapshot(out)
+    shard = min(out.glob("shard-*.tar"))
+    with tarfile.open(shard) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data] ^= 0xFF  # one byte of one label, the tar still reads
+    shard.write_bytes(bytes(data))
+    code, output = invoke("verify", out)
+    assert code == 1 and f"{shard.name}: {member.name} differs" in output, output
+    code, output = invoke(*args)
+    assert code == 0 and "damaged and made again" in output, output
+    assert snapshot(out) == before
+
+
+def test_verify_names_an_unfinished_dataset(reference, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(reference[0], out)
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(lines[:-1]))
+    code, output = invoke("verify", out)
+    assert code == 1 and f"1 of {TOTAL} items are not made yet" in output, output
+    code, output = invoke("verify", tmp_path)
+    assert code == 2 and "not a jaxmask dataset" in output, output
+
+
+def test_a_second_run_on_the_same_folder_is_refused(reference, tiny_sd_path, tmp_path, jax_cache):
+    out = tmp_path / "busy"
+    first = cli_process(generate_args(out, tiny_sd_path), jax_cache)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (out / "jaxmask.lock").exists() and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()[0].decode()
+        time.sleep(0.01)
+    second = cli_process(generate_args(out, tiny_sd_path), jax_cache)
+    output = second.communicate(timeout=RUN_TIMEOUT)[0].decode(errors="replace")
+    assert second.returncode == 2, output
+    assert "being written by another jaxmask run" in output, output
+    assert f"pid {first.pid} on {socket.gethostname()}" in output, output
+    assert f"{TOTAL} generated" in finish(first)
+    assert snapshot(out) == reference[1]  # the lock is gone, the dataset is the one run's
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(reference, tiny_sd_path, tmp_path):
+    out = tmp_path / "stale"
+    shutil.copytree(reference[0], out)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now
+    lock = {"pid": gone.pid, "host": socket.gethostname(), "started": 0}
+    (out / "jaxmask.lock").write_text(json.dumps(lock))
+    code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH))
+    assert code == 0 and f"0 generated, {TOTAL} already there" in output, output
+    assert snapshot(out) == reference[1]
+
+    (out / "jaxmask.lock").write_text(json.dumps({**lock, "host": "elsewhere", "pid": 7}))
+    code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH))
+    assert code == 2 and "pid 7 on elsewhere" in output, output
+    assert f"delete {out / 'jaxmask.lock'}" in output, output
+
+
+def test_resume_follows_the_weights_not_the_path(reference, tiny_sd_path, tmp_path):
+    out = tmp_path / "moved"
+    shutil.copytree(reference[0], out)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_sd_path, moved)
+    spelled = f"{moved.parent}/./model/"  # another spelling of another path to the same weights
+    code, output = invoke(*generate_args(out, spelled, batch_size=IN_PROCESS_BATCH))
+    assert code == 0 and f"0 generated, {TOTAL} already there" in output, output
+    assert snapshot(out) == reference[1]
+
+    (moved / "unet" / "config.json").write_text(
+        (moved / "unet" / "config.json").read_text().replace("\n", "\n ", 1)
+    )  # other bytes: another fingerprint
+    code, output = invoke(*generate_args(out, moved, batch_size=IN_PROCESS_BATCH))
+    assert code == 2 and "model.fingerprint" in output and "--overwrite" in output, output
+    assert snapshot(out) == reference[1]
