@@ -2,6 +2,7 @@
 content, records, determinism, resume after an interruption, errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -234,3 +235,34 @@ def test_open_source_reads_records_in_order_and_items_back(source):
     image, label = opened.read(2)
     assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
     np.testing.assert_array_equal(label, source_label(2))
+
+
+def test_a_damaged_source_item_is_named_not_dropped(source, tmp_path):
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    label = copy / "SegmentationClass" / "00000002.png"
+    label.write_bytes(bytes(255 - b for b in label.read_bytes()))  # same size, other bytes
+    out = tmp_path / "out"
+    with pytest.raises(StoreError, match=r"1 damaged item\(s\): 00000002 \(SegmentationClass"):
+        augment_dataset(copy, out, 0, CFG, 2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--size", "0"], ["--size", "positive"]),
+        (["--grids", "abc"], ["--grids", "ROWSxCOLS", "'abc'"]),
+        (["--grids", "2x0"], ["--grids", "ROWSxCOLS"]),
+    ],
+)
+def test_augment_cli_refuses_bad_flags(source, tmp_path, flags, words):
+    from typer.testing import CliRunner
+
+    from ports.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["augment", str(source), str(out), "-n", "2", *flags])
+    assert result.exit_code == 2, result.output
+    assert all(word in result.output for word in words), result.output
+    assert not out.exists()

@@ -12,6 +12,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import jaxmask
 from ports import api
@@ -187,3 +189,68 @@ def test_seeds_at_or_above_2_32_alias_smaller_ones():
     """Why seeds stop at 2**32: JAX's default key keeps 32 bits of the seed."""
     same = jax.random.key_data(jax.random.key(2**32)) == jax.random.key_data(jax.random.key(0))
     assert bool(np.all(same)) == (not jax.config.jax_enable_x64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: whatever a prompts file or a --param holds, the answer is a message, never a traceback
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+LINE = st.one_of(
+    JSON.map(json.dumps),
+    st.fixed_dictionaries({"prompt": JSON, "classes": JSON}).map(json.dumps),
+    st.fixed_dictionaries(
+        {"prompt": st.text(max_size=30), "classes": st.lists(st.sampled_from(["cat", "dog", ""]))}
+    ).map(json.dumps),
+    st.text(max_size=40),
+)
+# A last flag that is always refused: a line or a --param that passes every check meets it, so
+# no example starts a model (and each stays fast).
+SENTINEL = ["--dtype", "nosuch"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lines=st.lists(LINE, min_size=1, max_size=3))
+def test_fuzzed_prompts_files_get_a_message(lines, tmp_path):
+    prompts = tmp_path / "fuzz.jsonl"
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    out = tmp_path / "out"
+    code, output = invoke(
+        "generate", "-o", out, "--classes", "cat,dog", "-n", "1", "--prompts", prompts, *SENTINEL
+    )
+    assert code == 2 and output.startswith("error: ") and "Traceback" not in output, output
+    assert not out.exists()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from(["seediff-code", "seediff-paper", "ca", "ca_sa"]),
+    name=st.sampled_from(["beta", "alpha", "power", "seed_rule", "resolutions", "ignore_threshold"])
+    | st.text(max_size=8),
+    value=st.one_of(JSON.map(json.dumps), st.text(max_size=12)),
+)
+def test_fuzzed_params_get_a_message(method, name, value, tmp_path):
+    out = tmp_path / "out"
+    code, output = invoke(
+        "generate",
+        "-o",
+        out,
+        "-n",
+        "1",
+        "--method",
+        method,
+        "--param",
+        f"{name}={value}",
+        *SENTINEL,
+    )
+    assert code == 2 and output.startswith("error: ") and "Traceback" not in output, output
+    assert not out.exists()
