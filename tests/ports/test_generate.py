@@ -467,3 +467,12 @@ def test_resume_follows_the_weights_not_the_path(reference, tiny_sd_path, tmp_pa
     code, output = invoke(*generate_args(out, moved, batch_size=IN_PROCESS_BATCH))
     assert code == 2 and "model.fingerprint" in output and "--overwrite" in output, output
     assert snapshot(out) == reference[1]
+
+
+def test_a_batch_larger_than_the_dataset_is_cut_to_it(reference, tiny_sd_path, tmp_path):
+    """--batch-size 100000 for 6 items: one batch of 8 (6 rounded up to the 4 devices), not 100000
+    padded ones; the items are the same bytes as the batch-2 reference."""
+    out = tmp_path / "big-batch"
+    code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=100_000))
+    assert code == 0 and f"{TOTAL} generated" in output, output
+    assert snapshot(out) == reference[1]
