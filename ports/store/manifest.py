@@ -566,6 +566,16 @@ def _rewrite_manifest(path: Path, records: list[dict], complete: Sequence[bool])
         atomic.write_bytes(path, data)
 
 
+def _format_module(out: Path):
+    """The format module (``voc`` or ``webdataset``) of the dataset in ``out``."""
+    config = read_run_config(out)
+    if config is None:
+        raise StoreError(
+            errno.ENOENT, f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset folder.", out
+        )
+    return importlib.import_module(FORMATS[config.get("format", DEFAULT_FORMAT)])
+
+
 def merge_manifests(out: str | os.PathLike) -> list[dict]:
     """Merge every manifest in ``out`` into ``manifest.jsonl``, ordered by ``global_index``.
 
@@ -582,12 +592,7 @@ def merge_manifests(out: str | os.PathLike) -> list[dict]:
       StoreError: ``out`` is not a jaxmask dataset, or can't be written.
     """
     out = Path(out)
-    config = read_run_config(out)
-    if config is None:
-        raise StoreError(
-            errno.ENOENT, f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset folder.", out
-        )
-    fmt = importlib.import_module(FORMATS[config.get("format", DEFAULT_FORMAT)])
+    fmt = _format_module(out)
     records, _, files = _read_all(out)
     finished = _finished(records, fmt.complete(out, records))
     fmt.clean(out, finished, 0, 1)
@@ -625,12 +630,7 @@ def verify(out: str | os.PathLike) -> Verification:
       StoreError: ``out`` is not a jaxmask dataset, or a manifest line is not a record.
     """
     out = Path(out)
-    config = read_run_config(out)
-    if config is None:
-        raise StoreError(
-            errno.ENOENT, f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset folder.", out
-        )
-    fmt = importlib.import_module(FORMATS[config.get("format", DEFAULT_FORMAT)])
+    fmt = _format_module(out)
     records, _, files = _read_all(out)
     found = fmt.problems(out, records)
     finished = _finished(records, [p is None for p in found])
