@@ -4,19 +4,47 @@ import dataclasses
 import os
 from pathlib import Path
 
-import typer
+# transformers announces at import that PyTorch is missing; jaxmask needs only its tokenizer.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from ports import compile_cache
+import typer  # noqa: E402
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+from ports import compile_cache  # noqa: E402
+
+# Plain click help: it wraps long option names at 80 columns where rich's tables cut them.
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as git and pip write them: ``DATASET``, not typer's ``{DATASET}``."""
+
+    def collect_usage_pieces(self, ctx):
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"jaxmask {version('jaxmask')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
-    """jaxmask: segmentation datasets from Stable Diffusion's own attention."""
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Segmentation datasets from a text-to-image diffusion model: for each prompt an image and a
+    label map of the classes it names, read out of Stable Diffusion's own attention.
+
+    Start with `jaxmask generate --out data --per-class 2` (the bundled toy model), then
+    `jaxmask preview data`. Each command's --help lists its options.
+    """
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Check every mask method on synthetic maps of a known scene.")
 def demo(
     out: Path = typer.Option(Path("jaxmask-demo"), help="folder for demo.png"),
     size: int = typer.Option(128, min=16, max=1024, help="image side in pixels"),
@@ -35,47 +63,67 @@ def demo(
     typer.echo(f"contact sheet: {result.sheet}")
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Generate a segmentation dataset (resumable).")
 def generate(
-    out: Path = typer.Option(..., "--out", "-o", help="dataset folder (created, or resumed)"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="dataset folder (created, or resumed)"
+    ),
     classes: str = typer.Option(
         None,
+        metavar="CLASSES",
         help="'voc', 'cityscapes', 'shapes', 'cat,dog,...' or @file (one per line); default "
         "'shapes' with the bundled model, 'voc' with --model",
     ),
-    per_class: int = typer.Option(..., "--per-class", "-n", help="images per class"),
-    template: list[str] = typer.Option([], help="prompt template with {class}; repeat for several"),
+    per_class: int = typer.Option(..., "--per-class", "-n", metavar="N", help="images per class"),
+    template: list[str] = typer.Option(
+        [], metavar="TEMPLATE", help="prompt template with {class}; repeat for several"
+    ),
     prompts: Path = typer.Option(
-        None, help='JSONL of {"prompt": ..., "classes": [...]} (several classes per prompt)'
+        None,
+        metavar="FILE",
+        help='JSONL of {"prompt": ..., "classes": [...]} (several classes per prompt)',
     ),
     model: str = typer.Option(
-        None, help="diffusers-format folder or hub id (default: the bundled toy model)"
+        None,
+        metavar="MODEL",
+        help="diffusers-format folder or hub id (default: the bundled toy model)",
     ),
-    method: str = typer.Option("seediff-code", help="seediff-code, seediff-paper, ca or ca_sa"),
+    method: str = typer.Option(
+        "seediff-code", metavar="METHOD", help="seediff-code, seediff-paper, ca or ca_sa"
+    ),
     param: list[str] = typer.Option(
-        [], help="method parameter NAME=VALUE, e.g. beta=0.5; repeatable"
+        [], metavar="NAME=VALUE", help="a method parameter, e.g. beta=0.5; repeatable"
     ),
-    steps: int = typer.Option(50, min=1),
-    guidance: float = typer.Option(7.5),
-    size: int = typer.Option(None, help="image side in pixels (default: the model's)"),
-    scheduler: str = typer.Option("ddim", help="ddim, pndm or dpm++"),
-    negative_prompt: str = typer.Option(""),
-    seed: int = typer.Option(0, help="item i uses fold_in(key(seed), i)"),
-    batch_size: int = typer.Option(4, min=1),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    format: str = typer.Option("voc", help="voc (folder) or webdataset (tar shards)"),
+    steps: int = typer.Option(50, metavar="N", help="denoising steps"),
+    guidance: float = typer.Option(
+        7.5, metavar="SCALE", help="classifier-free guidance scale (1: none)"
+    ),
+    size: int = typer.Option(
+        None, metavar="PIXELS", help="image side in pixels (default: the model's)"
+    ),
+    scheduler: str = typer.Option("ddim", metavar="NAME", help="ddim, pndm or dpm++"),
+    negative_prompt: str = typer.Option(
+        "", metavar="TEXT", help="what the images should not show, for every prompt"
+    ),
+    seed: int = typer.Option(0, metavar="N", help="item i uses fold_in(key(seed), i)"),
+    batch_size: int = typer.Option(4, metavar="N", help="images per sampler call"),
+    dtype: str = typer.Option("float32", metavar="DTYPE", help="float32, bfloat16 or float16"),
+    format: str = typer.Option(
+        "voc", metavar="FORMAT", help="voc (folder) or webdataset (tar shards)"
+    ),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace a dataset made with another config"
     ),
     coordinator: str = typer.Option(
-        None, help="multi-host: coordinator host:port (jax.distributed)"
+        None, metavar="HOST:PORT", help="multi-host: the coordinator (jax.distributed)"
     ),
-    num_processes: int = typer.Option(None, help="multi-host: number of processes"),
-    process_id: int = typer.Option(None, help="multi-host: this process's id"),
+    num_processes: int = typer.Option(None, metavar="N", help="multi-host: number of processes"),
+    process_id: int = typer.Option(None, metavar="I", help="multi-host: this process's id"),
     compilation_cache: str = typer.Option(
         compile_cache.DEFAULT,
+        metavar="DIR",
         help="folder for compiled programs reused by later runs; 'none' for off",
     ),
 ) -> None:
@@ -126,18 +174,20 @@ def generate(
         _fail(err)
     import jax
 
-    bar = _progress(plan.total, "generate", disable=jax.process_index() != 0)
+    bar = _progress(disable=jax.process_index() != 0)  # process 0 shows it
     start, task, made = time.perf_counter(), None, 0
 
     def on_start(total, done):  # the folder is open, so every check has passed: draw the bar
         nonlocal task
         bar.start()
-        task = bar.add_task("generate", total=total, completed=done, rate="")
+        # The first batch compiles the sampler (about 30 s for the toy model on a CPU; the
+        # compilation cache makes later runs start at once): say so, not a frozen 0/N.
+        task = bar.add_task("compiling the sampler", total=total, completed=done, rate="")
 
     def on_batch(n):
         nonlocal made
         made += n * jax.process_count()
-        bar.update(task, advance=n * jax.process_count())
+        bar.update(task, advance=n * jax.process_count(), description="generate")
         bar.update(task, rate=f"{made / (time.perf_counter() - start):.2f} img/s")
 
     try:
@@ -162,7 +212,7 @@ def generate(
         )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Check a dataset's files against its manifest.")
 def verify(
     dataset: Path = typer.Argument(..., metavar="DATASET", help="a jaxmask dataset folder"),
 ) -> None:
@@ -205,26 +255,38 @@ def verify(
     )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="A contact sheet of a dataset's first items.")
 def preview(
-    dataset: Path = typer.Argument(..., help="a jaxmask dataset folder (VOC layout)"),
-    out: Path = typer.Option(None, help="PNG to write (default <dataset>/preview.png)"),
-    count: int = typer.Option(8, min=1, help="items to show"),
+    dataset: Path = typer.Argument(
+        ..., metavar="DATASET", help="a jaxmask dataset folder (VOC layout)"
+    ),
+    out: Path = typer.Option(
+        None,
+        metavar="FILE",
+        help="PNG to write (default: DATASET-preview.png beside the dataset, not in it, where "
+        "dataset loaders would find it)",
+    ),
+    count: int = typer.Option(8, min=1, metavar="N", help="items to show"),
 ) -> None:
     """A contact sheet of a dataset: image | label overlay | label map, one row per item."""
     from ports import render
 
+    dataset = Path(os.path.normpath(dataset))  # "data/" names the folder "data"
     try:
-        path = render.preview_dataset(dataset, out or dataset / "preview.png", count)
+        path = render.preview_dataset(
+            dataset, out or dataset.with_name(f"{dataset.name}-preview.png"), count
+        )
     except (ValueError, OSError) as err:
         _fail(err)
     typer.echo(f"contact sheet: {path}")
 
 
-@app.command()
+@app.command(cls=_Command, short_help="A contact sheet of masks for a few prompts.")
 def sheet(
     prompt: list[str] = typer.Argument(
-        None, help="prompts; default: six toy-world prompts for the bundled model"
+        None,
+        metavar="PROMPT...",
+        help="prompts; default: six toy-world prompts for the bundled model",
     ),
     classes: list[str] = typer.Option(
         [], "--classes", "-c", help="the classes of each prompt, comma-separated; one per prompt"
@@ -329,8 +391,8 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _progress(total: int, description: str, disable: bool = False):
-    """A rich progress bar with images/s and ETA (process 0 only shows it)."""
+def _progress(disable: bool = False):
+    """A rich progress bar: task description, bar, done/total, images/s, ETA."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -340,7 +402,7 @@ def _progress(total: int, description: str, disable: bool = False):
     )
 
     return Progress(
-        TextColumn(description),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
@@ -349,10 +411,12 @@ def _progress(total: int, description: str, disable: bool = False):
     )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="DiffuMask's augmentations of a dataset, as a new one.")
 def augment(
-    src: Path = typer.Argument(..., help="an existing jaxmask dataset (VOC layout)"),
-    dst: Path = typer.Argument(..., help="the new dataset's folder"),
+    src: Path = typer.Argument(
+        ..., metavar="SOURCE", help="an existing jaxmask dataset (VOC layout)"
+    ),
+    dst: Path = typer.Argument(..., metavar="DEST", help="the new dataset's folder"),
     count: int = typer.Option(..., "--count", "-n", min=1, help="items to write"),
     seed: int = typer.Option(0, help="item i uses fold_in(key(seed), i)"),
     size: int = typer.Option(None, help="output side in pixels (default: the source's)"),
@@ -392,7 +456,7 @@ def augment(
     except ValueError as err:
         _fail(err)
     start = time.perf_counter()
-    with _progress(count, "augment") as bar:
+    with _progress() as bar:
         task = bar.add_task("augment", total=count, rate="")
 
         def on_item(_index, _id):
@@ -417,7 +481,7 @@ def augment(
     )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Measure mask quality on the toy world (docs/quality.md).")
 def quality(
     model: str = typer.Option(
         None, help="diffusers-format folder (default: the bundled toy model)"
@@ -479,7 +543,9 @@ def quality(
     typer.echo(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
 
 
-@app.command("train-toy")
+@app.command(
+    "train-toy", cls=_Command, short_help="Train the bundled toy model from scratch (resumable)."
+)
 def train_toy(
     out: Path = typer.Option(..., "--out", "-o", help="folder for the diffusers-format model"),
     preset: str = typer.Option(

@@ -276,9 +276,11 @@ def test_preview_writes_a_contact_sheet(reference, tmp_path):
     out, _ = reference
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    code, output = invoke("preview", copy, "--count", "2")
+    before = snapshot(copy)
+    code, output = invoke("preview", f"{copy}/", "--count", "2")
     assert code == 0, output
-    sheet = Image.open(io.BytesIO((copy / "preview.png").read_bytes()))
+    assert snapshot(copy) == before  # written beside the dataset, not into it
+    sheet = Image.open(io.BytesIO((tmp_path / "copy-preview.png").read_bytes()))
     assert sheet.format == "PNG"
     code, output = invoke("preview", copy, "--out", tmp_path / "all.png", "--count", str(TOTAL))
     assert code == 0, output
