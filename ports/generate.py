@@ -19,13 +19,14 @@ import numpy as np
 import jaxmask
 from jaxmask.tokens import token_positions
 from ports import api
-from ports.errors import bad_arg
+from ports.errors import bad_arg, with_cli
 from ports.plan import Plan
 from ports.scale import hosts
 from ports.sd.sample import check_guidance, check_steps
 from ports.sd.schedulers import canonical_name
 from ports.store import lock, mask_stats, open_dataset, software_versions
-from ports.store.manifest import FORMATS
+from ports.store.atomic import StoreError
+from ports.store.manifest import FORMATS, read_run_config
 
 SOFT_MASK_SIDE = 64  # optional soft masks are stored at 64 x 64 (float16), not at image size
 
@@ -211,6 +212,7 @@ def run(
 
         pipeline.sampler.mesh = data_mesh()
     with lock.hold(out, jax.process_index(), hosts.agree):
+        _refuse_dropping_items(out, cfg, sd, size, overwrite)
         dataset = open_dataset(
             out,
             cfg.to_json(sd.source, sd.fingerprint, size),
@@ -218,6 +220,7 @@ def run(
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             barrier=hosts.barrier,
+            extends=extends,
         )
         todo = dataset.todo(plan.total)
         if on_start:
@@ -231,6 +234,48 @@ def run(
     return RunResult(
         Path(out), plan.total, written, len(dataset.done), seconds, len(dataset.damaged)
     )
+
+
+def _refuse_dropping_items(out: Path, cfg: RunConfig, sd, size: int, overwrite: bool) -> None:
+    """A lower per-class count than the folder's would drop items it holds: say so in those
+    terms (the store's refusal would only name ``plan.items_per_class``)."""
+    stored = None if overwrite else read_run_config(out)
+    if not stored or "plan" not in stored:
+        return
+    new = cfg.to_json(sd.source, sd.fingerprint, size)
+    old_plan = stored["plan"]
+    if (
+        not extends({**new, "plan": old_plan}, stored)
+        or cfg.plan.total >= Plan.from_json(old_plan).total
+    ):
+        return
+    text = (
+        f"{out} holds {old_plan['items_per_class']} items per class; {{}} "
+        f"{cfg.plan.items_per_class} would drop items it holds. Keep it or raise it (the "
+        "dataset is extended), or pass {} to start again."
+    )
+    raise with_cli(
+        StoreError(None, text.format("items_per_class", "overwrite=True"), out),
+        text.format("--per-class", "--overwrite"),
+    )
+
+
+def extends(stored: dict, config: dict) -> bool:
+    """Whether the run config ``config`` only adds items to a dataset made with ``stored``:
+    everything but the plan equal, and the plan keeping every earlier item (``Plan.extends``),
+    e.g. a higher ``--per-class``."""
+
+    def rest(c: dict) -> dict:  # all but the plan, and the model less its id as typed
+        model = {k: v for k, v in (c.get("model") or {}).items() if k != "id"}
+        return {k: v for k, v in c.items() if k != "plan"} | {"model": model}
+
+    if rest(stored) != rest(config) or "plan" not in stored:
+        return False
+    try:
+        old = Plan.from_json(stored["plan"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return Plan.from_json(config["plan"]).extends(old)
 
 
 def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch):

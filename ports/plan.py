@@ -71,6 +71,24 @@ class Plan:
         word = spoken(name)
         return Item(template.replace("{class}", word), (name,), (word,))
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        """The plan :meth:`to_json` wrote."""
+        return cls(
+            classes=tuple(data["classes"]),
+            items_per_class=int(data["items_per_class"]),
+            templates=tuple(data["templates"]),
+            prompts=tuple((p, tuple(c)) for p, c in data["prompts"]),
+        )
+
+    def extends(self, old: "Plan") -> bool:
+        """Whether this plan keeps every item of ``old`` as it was (same prompt, classes and label
+        ids at each of its indices) and only adds items after them: raising ``items_per_class``,
+        or adding templates or prompts that leave the earlier items where they were."""
+        if self.classes != old.classes or self.total < old.total:
+            return False
+        return all(self.item(i) == old.item(i) for i in range(old.total))
+
     def to_json(self) -> dict:
         return {
             "classes": list(self.classes),

@@ -464,14 +464,16 @@ def open_dataset(
     process_index: int = 0,
     process_count: int = 1,
     barrier: Callable[[str], None] | None = None,
+    extends: Callable[[dict, dict], bool] | None = None,
 ) -> Dataset:
-    """Create, resume or (when told to) overwrite the dataset folder ``out``.
+    """Create, resume, extend or (when told to) overwrite the dataset folder ``out``.
 
     - a new or empty folder is created and ``jaxmask_run.json`` written;
     - a folder made with the same ``run_config`` is resumed: the returned ``Dataset.done`` holds the
       global indices with a manifest line and all their files, and this process deletes, among the
       items it owns, what a killed run left: temporary files, files without a manifest line, a
       torn last line in its own manifest;
+    - a folder made with a config that ``extends`` accepts is resumed under the new config;
     - a folder made with another config raises unless ``overwrite`` (the CLI's ``--overwrite``),
       which deletes that dataset's files (only files a jaxmask dataset is made of) and starts again.
 
@@ -486,6 +488,9 @@ def open_dataset(
       overwrite: delete a dataset made with another (or the same) config and start again.
       process_index, process_count: this process and how many write the dataset.
       barrier: called with a name by every process; required when ``process_count > 1``.
+      extends: ``extends(stored, run_config)`` says whether ``run_config`` keeps every item of a
+        dataset made with ``stored`` and only adds items (more items per class): the folder is
+        then resumed under the new config instead of refused.
 
     Raises:
       StoreError: ``out`` can't be created or written, or holds a dataset made with another config
@@ -515,6 +520,10 @@ def open_dataset(
         action, config = "resume", stored  # keeps the model as first typed
     elif overwrite:
         action = "overwrite"
+    elif extends is not None and extends(stored, config):
+        action = "extend"
+        if isinstance(config.get("model"), dict) and isinstance(stored.get("model"), dict):
+            config["model"]["id"] = stored["model"].get("id")  # as first typed
     else:
         changed = ", ".join(_differences(_content(stored), _content(config))[:8])
         text = (
@@ -552,7 +561,7 @@ def open_dataset(
         process_index=process_index,
         process_count=process_count,
         done=frozenset(finished),
-        resumed=action == "resume",
+        resumed=action in ("resume", "extend"),
         damaged=frozenset(damaged),
     )
 
@@ -644,4 +653,3 @@ def verify(out: str | os.PathLike) -> Verification:
         problems=tuple((item_id(i), problems[i]) for i in sorted(problems)),
         merged=[process for _, process in files] == [None],
     )
-

@@ -29,6 +29,7 @@ from tests.ports.clitools import (
     CLASSES,
     IDS,
     IN_PROCESS_BATCH,
+    PER_CLASS,
     RUN_TIMEOUT,
     SIDE,
     TOTAL,
@@ -478,3 +479,33 @@ def test_a_batch_larger_than_the_dataset_is_cut_to_it(reference, tiny_sd_path, t
     code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=100_000))
     assert code == 0 and f"{TOTAL} generated" in output, output
     assert snapshot(out) == reference[1]
+
+
+def test_raising_per_class_extends_the_dataset_lowering_it_is_refused(
+    reference, tiny_sd_path, tmp_path
+):
+    out = tmp_path / "extended"
+    shutil.copytree(reference[0], out)
+    args = generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH)
+    more = args[:]
+    more[more.index("-n") + 1] = str(PER_CLASS + 1)
+    code, output = invoke(*more)
+    assert code == 0, output
+    assert f"{len(CLASSES)} generated, {TOTAL} already there, {TOTAL + 2} in" in output, output
+    after = snapshot(out)
+    for path, data in reference[1].items():  # every earlier item's files are as they were
+        if path.startswith(("JPEGImages/", "SegmentationClass/")):
+            assert after[path] == data, path
+    assert len(records(out)) == TOTAL + 2 and [r["global_index"] for r in records(out)] == list(
+        range(TOTAL + 2)
+    )
+    assert (out / "ImageSets/Segmentation/train.txt").read_text().count("\n") == TOTAL + 2
+    assert invoke("verify", out)[0] == 0
+
+    fewer = args[:]
+    fewer[fewer.index("-n") + 1] = "1"
+    code, output = invoke(*fewer)
+    assert code == 2, output
+    assert f"holds {PER_CLASS + 1} items per class; --per-class 1 would drop" in output, output
+    assert "--overwrite" in output and "=True" not in output, output
+    assert snapshot(out) == after
