@@ -113,6 +113,12 @@ def generate(
     ),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
+    val_fraction: float = typer.Option(
+        0.0,
+        metavar="F",
+        help="put about this fraction of the items in ImageSets/Segmentation/val.txt (by a hash "
+        "of seed and index: a resume or host count never moves an item)",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace a dataset made with another config"
     ),
@@ -157,6 +163,7 @@ def generate(
             format=format,
             pamr=pamr,
             soft_masks=soft_masks,
+            val_fraction=val_fraction,
         )
         try:
             cfg.method_config()

@@ -8,6 +8,7 @@ own manifest; process 0 merges them after a barrier.
 """
 
 import dataclasses
+import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class RunConfig:
     format: str = "voc"
     pamr: bool = False
     soft_masks: bool = False
+    val_fraction: float = 0.0
 
     def method_config(self):
         return jaxmask.methods.get(self.method, **dict(self.method_params))
@@ -68,6 +70,8 @@ class RunConfig:
             "format": self.format,
             "pamr": self.pamr,
             "soft_masks": self.soft_masks,
+            # only when asked for: datasets made before splits existed still resume
+            **({"val_fraction": self.val_fraction} if self.val_fraction else {}),
         }
 
 
@@ -79,6 +83,17 @@ class RunResult:
     resumed: int
     seconds: float
     damaged: int = 0  # items whose files no longer matched the manifest: made again
+
+
+def item_split(seed: int, global_index: int, val_fraction: float) -> str:
+    """``"val"`` for about ``val_fraction`` of the items, else ``"train"``: a hash of the seed and
+    the item's index, so a resume, a host count or a batch size never moves an item.
+
+    >>> [item_split(0, i, 0.5) for i in range(6)].count("val") in range(1, 6)
+    True
+    """
+    digest = hashlib.sha256(f"jaxmask-split:{seed}:{global_index}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def _label_lookup(plan: Plan, item_classes) -> np.ndarray:
@@ -114,6 +129,9 @@ def check(cfg: RunConfig, batch_size: int = 4) -> None:
         raise bad_arg("format", f"{{}} must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if not isinstance(cfg.negative_prompt, str):
         raise bad_arg("negative_prompt", f"{{}} must be a string, got {cfg.negative_prompt!r}")
+    v = cfg.val_fraction
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise bad_arg("val_fraction", f"{{}} must lie in [0, 1), got {v!r}")
     if cfg.size is not None and (
         isinstance(cfg.size, bool) or not isinstance(cfg.size, int) or cfg.size < 1
     ):
@@ -342,6 +360,8 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                     "mask_stats": mask_stats(label, [0, *class_ids_]),
                     "versions": versions,
                 }
+                if cfg.val_fraction:
+                    record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
                 writer.write(int(index), result.images[j], label, record, soft_masks=soft)
                 written += 1
             if on_batch:

@@ -383,7 +383,10 @@ def _wipe(out: Path) -> None:
     """Delete the files a jaxmask dataset is made of (and nothing else) from ``out``."""
     for name in ("JPEGImages", "SegmentationClass", "SoftMasks"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for path in (out / "ImageSets" / "Segmentation" / "train.txt", out / "id2label.json"):
+    splits = out / "ImageSets" / "Segmentation"
+    for path in [splits / f"{n}.txt" for n in ("train", "val", "trainval")] + [
+        out / "id2label.json"
+    ]:
         atomic.remove_quietly(path)
     for entry in out.iterdir():
         name = entry.name

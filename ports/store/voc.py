@@ -7,7 +7,8 @@ peer read with no glue.
     <out>/SegmentationClass/<id>.png          the label map: palette PNG, 0 background, 1..K classes,
                                               255 ignore, PASCAL VOC colours
     <out>/SoftMasks/<id>.npz                  optional: per-class soft masks, float16, low resolution
-    <out>/ImageSets/Segmentation/train.txt    the ids, in global-index order (written by the merge)
+    <out>/ImageSets/Segmentation/{train,val,trainval}.txt  ids by split, in global-index order
+                                              (written by the merge)
     <out>/id2label.json                       {"0": "background", "1": "cat", ...}
     <out>/manifest-<process>.jsonl            one line per finished item (see ports.store.manifest)
 
@@ -35,7 +36,10 @@ from ports.store import atomic, manifest
 IMAGES = "JPEGImages"
 LABELS = "SegmentationClass"
 SOFT_MASKS = "SoftMasks"
-SPLIT = Path("ImageSets") / "Segmentation" / "train.txt"
+SPLITS = Path("ImageSets") / "Segmentation"
+#: The split lists the merge writes; a record's ``split`` ("train" or "val", default "train")
+#: puts it in one of the first two, and every item is in ``trainval``.
+SPLIT_NAMES = ("train", "val", "trainval")
 ID2LABEL = "id2label.json"
 IGNORE_INDEX = 255
 
@@ -304,7 +308,9 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
                 problem = f"a file entry cannot be read ({exc})"
             else:
                 if len(data) != entry.get("bytes"):
-                    problem = f"{path} has {len(data)} bytes, the manifest says {entry.get('bytes')}"
+                    problem = (
+                        f"{path} has {len(data)} bytes, the manifest says {entry.get('bytes')}"
+                    )
                 elif hashlib.sha256(data).hexdigest() != entry.get("sha256"):
                     problem = f"{path} differs from what was written (sha256 mismatch)"
             if problem:
@@ -334,10 +340,14 @@ def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_c
             if mine and f"{folder}/{entry.name}" not in expected:
                 atomic.remove_quietly(entry)
     manifest.clean_temps(out, process_index, process_count)
-    manifest.clean_temps(out / SPLIT.parent, process_index, process_count)
+    manifest.clean_temps(out / SPLITS, process_index, process_count)
 
 
 def finalize(out: Path, merged: list[dict]) -> None:
-    """Write ``ImageSets/Segmentation/train.txt``: the merged ids, one a line, in order."""
-    atomic.make_folder(out / SPLIT.parent)
-    atomic.write_text(out / SPLIT, "".join(f"{r['id']}\n" for r in merged))
+    """Write ``ImageSets/Segmentation/{train,val,trainval}.txt``: the merged ids by their
+    record's ``split`` (``val.txt`` is empty when no item has one), one a line, in order, as
+    torchvision's ``VOCSegmentation`` and mmsegmentation read them."""
+    atomic.make_folder(out / SPLITS)
+    for name in SPLIT_NAMES:
+        ids = [r["id"] for r in merged if name == "trainval" or r.get("split", "train") == name]
+        atomic.write_text(out / SPLITS / f"{name}.txt", "".join(f"{i}\n" for i in ids))

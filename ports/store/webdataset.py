@@ -262,7 +262,9 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     # A shard with one bad item is incomplete for all of its items.
     damaged = {r.get("shard") for r, p in zip(records, found) if p is not None}
     return [
-        p if p is not None or r.get("shard") not in damaged else f"{r['shard']} holds a damaged item"
+        p
+        if p is not None or r.get("shard") not in damaged
+        else f"{r['shard']} holds a damaged item"
         for r, p in zip(records, found)
     ]
 

@@ -509,3 +509,36 @@ def test_raising_per_class_extends_the_dataset_lowering_it_is_refused(
     assert f"holds {PER_CLASS + 1} items per class; --per-class 1 would drop" in output, output
     assert "--overwrite" in output and "=True" not in output, output
     assert snapshot(out) == after
+
+
+def test_val_fraction_splits_items_by_a_hash_of_seed_and_index(reference, tiny_sd_path, tmp_path):
+    from ports.generate import item_split
+
+    out = tmp_path / "split"
+    args = generate_args(out, tiny_sd_path, "--val-fraction", "0.5", batch_size=IN_PROCESS_BATCH)
+    code, output = invoke(*args)
+    assert code == 0, output
+    lists = {
+        name: (out / f"ImageSets/Segmentation/{name}.txt").read_text().split()
+        for name in ("train", "val", "trainval")
+    }
+    expected = {i: item_split(0, n, 0.5) for n, i in enumerate(IDS)}
+    assert lists["val"] == [i for i in IDS if expected[i] == "val"]
+    assert lists["train"] == [i for i in IDS if expected[i] == "train"]
+    assert lists["trainval"] == IDS and lists["val"] and lists["train"]
+    assert {r["id"]: r["split"] for r in records(out)} == expected
+    # the items themselves are the reference's: a split only sorts them
+    for path, data in reference[1].items():
+        if path.startswith(("JPEGImages/", "SegmentationClass/")):
+            assert snapshot(out)[path] == data, path
+    # without --val-fraction every item is train, and val.txt is there (empty) for the loaders
+    ref = reference[0] / "ImageSets/Segmentation"
+    assert (ref / "val.txt").read_text() == "" and (ref / "trainval.txt").read_text().split() == IDS
+
+
+def test_item_split_is_a_fraction_of_a_large_set():
+    from ports.generate import item_split
+
+    val = sum(item_split(7, i, 0.1) == "val" for i in range(20_000))
+    assert 1800 < val < 2200  # 0.1 of 20k, within 5 sigma of a binomial
+    assert all(item_split(7, i, 0.0) == "train" for i in range(100))

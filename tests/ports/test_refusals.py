@@ -33,6 +33,7 @@ GENERATE_CASES = {
     "guidance nan": (["--guidance", "nan"], ["--guidance", "finite"]),
     "scheduler nosuch": (["--scheduler", "nosuch"], ["nosuch", "ddim"]),
     "format nosuch": (["--format", "zip"], ["--format", "voc, webdataset"]),
+    "val fraction 1": (["--val-fraction", "1"], ["--val-fraction", "[0, 1)"]),
     "num-processes without a coordinator": (
         ["--num-processes", "2"],
         ["--coordinator", "--process-id"],
