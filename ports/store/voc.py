@@ -98,12 +98,24 @@ def encode_label_png(label_map: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_soft_masks(soft_masks) -> bytes:
-    """``.npz`` bytes holding ``soft_masks`` (k, r, r) as float16 under the key ``soft_masks``.
+def encode_npz(key: str, array: np.ndarray) -> bytes:
+    """Compressed ``.npz`` bytes holding ``array`` under ``key``.
 
-    ``np.savez`` stamps the current time into the zip; this writes the same archive with a fixed
-    timestamp, so equal arrays give equal bytes. ``np.load`` reads it.
+    ``np.savez_compressed`` stamps the current time into the zip; this writes the same archive
+    with a fixed timestamp, so equal arrays give equal bytes. ``np.load`` reads it.
     """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        member = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        member.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(member, "w") as stream:
+            np.lib.format.write_array(stream, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_soft_masks(soft_masks) -> bytes:
+    """``.npz`` bytes holding ``soft_masks`` (k, r, r) as float16 under the key ``soft_masks``
+    (deterministic: see :func:`encode_npz`)."""
     soft_masks = np.asarray(soft_masks)
     if soft_masks.ndim != 3 or soft_masks.dtype.kind != "f":
         raise ValueError(
@@ -111,13 +123,7 @@ def encode_soft_masks(soft_masks) -> bytes:
         )
     if not np.all(np.isfinite(soft_masks)):
         raise ValueError("soft_masks holds NaN or infinity")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        member = zipfile.ZipInfo("soft_masks.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        member.compress_type = zipfile.ZIP_DEFLATED
-        with archive.open(member, "w") as stream:
-            np.lib.format.write_array(stream, soft_masks.astype(np.float16), allow_pickle=False)
-    return buffer.getvalue()
+    return encode_npz("soft_masks", soft_masks.astype(np.float16))
 
 
 def file_entry(path: str, data: bytes) -> dict:

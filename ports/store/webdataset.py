@@ -2,8 +2,11 @@
 
 ::
 
-    <out>/shard-<process:05d>-<k:05d>.tar     members <id>.jpg, <id>.png, <id>.json (the record),
-                                              and <id>.npz when soft masks are kept
+    <out>/shard-<process:05d>-<k:05d>.tar     members <id>.jpg, <id>.png (palette, as in VOC),
+                                              <id>.label.npz (the class ids as a uint8 array under
+                                              "label", what webdataset's decoders give back
+                                              unchanged), <id>.json (the record), and <id>.npz
+                                              when soft masks are kept
     <out>/id2label.json
     <out>/manifest-<process>.jsonl            one line per item, naming its shard
 
@@ -25,9 +28,14 @@ import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from ports.store import atomic, manifest, voc
 
 _SHARD = re.compile(r"shard-(\d{5,})-(\d{5,})\.tar")
+#: The member key of the class-id label map: ``sample["label.npz"]["label"]`` after
+#: ``webdataset.WebDataset(urls).decode(...)`` with any stock decoder.
+LABEL_IDS = "label.npz"
 
 
 def shard_name(process_index: int, number: int) -> str:
@@ -143,6 +151,12 @@ class ShardWriter:
         """
         record, payload = voc.item_payload(
             global_index, image, label_map, record, soft_masks, self._valid, self.jpeg_quality
+        )
+        # Every stock webdataset image decoder turns the palette PNG into colours or luminance;
+        # its npz decoder gives this array back as it is: the class ids.
+        payload["label_ids"] = (
+            f"{record['id']}.{LABEL_IDS}",
+            voc.encode_npz("label", np.asarray(label_map, np.uint8)),
         )
         if self._tar is None:
             self._open_shard()
