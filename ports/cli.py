@@ -262,6 +262,33 @@ def verify(
     )
 
 
+@app.command(cls=_Command, short_help="A dataset as Hugging Face Parquet or COCO instances.")
+def export(
+    dataset: Path = typer.Argument(..., metavar="DATASET", help="a finished jaxmask VOC dataset"),
+    out: Path = typer.Argument(..., metavar="OUT", help="the new folder to write"),
+    to: str = typer.Option(..., "--to", metavar="FORMAT", help="hf (datasets Parquet) or coco"),
+) -> None:
+    """Write DATASET in a format training code loads as it is: `--to hf` for
+    `datasets.load_dataset(OUT)` (image and label as Image features, class names in the
+    schema), `--to coco` for pycocotools, detectron2 and mmdet (one instance per connected
+    component of each class, RLE masks). Needs `pip install 'jaxmask[export]'`."""
+    from ports import export as exporters
+    from ports.store import StoreError
+
+    writers = {"hf": exporters.to_hf, "coco": exporters.to_coco}
+    if to not in writers:
+        _fail(ValueError(f"--to must be hf or coco, got {to!r}"))
+    try:
+        result = writers[to](dataset, out)
+    except ImportError as err:
+        _fail(ValueError(f"{err.name} is not installed: pip install 'jaxmask[export]'"))
+    except (StoreError, ValueError, OSError) as err:
+        _fail(err)
+    splits = ", ".join(f"{n} {k}" for k, n in result.splits.items())
+    extra = f", {result.instances} instances" if result.instances is not None else ""
+    typer.echo(f"{result.items} items ({splits}{extra}) -> {result.out}")
+
+
 @app.command(cls=_Command, short_help="A contact sheet of a dataset's first items.")
 def preview(
     dataset: Path = typer.Argument(
