@@ -47,7 +47,7 @@ from jaxmask.augment import (
 )
 from ports.scale.hosts import SEED_RULE, item_key
 from ports.store import StoreError, mask_stats, open_dataset, read_manifest, software_versions, voc
-from ports.store.manifest import manifest_files, read_run_config
+from ports.store.manifest import is_filtered, manifest_files, read_run_config
 
 STEPS = (  # (name in records, probability field, parameter field), in augment's order
     ("perspective", "perspective_prob", "perspective_strength"),
@@ -171,7 +171,7 @@ def open_source(src: str | Path) -> Source:
     for path, _ in manifest_files(src):
         for record in read_manifest(path)[0]:
             latest[record["global_index"]] = record
-    records = [latest[i] for i in sorted(latest)]
+    records = [latest[i] for i in sorted(latest) if not is_filtered(latest[i])]
     damaged = [(r["id"], p) for r, p in zip(records, voc.problems(src, records)) if p]
     if damaged:
         names = ", ".join(f"{name} ({problem})" for name, problem in damaged[:3])

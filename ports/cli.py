@@ -113,6 +113,15 @@ def generate(
     ),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
+    min_area: float = typer.Option(
+        None,
+        metavar="F",
+        help="drop items where a named class covers less than this fraction of the image (its "
+        "manifest line keeps the reason; no files)",
+    ),
+    max_area: float = typer.Option(
+        None, metavar="F", help="drop items where a named class covers more than this fraction"
+    ),
     val_fraction: float = typer.Option(
         0.0,
         metavar="F",
@@ -164,6 +173,8 @@ def generate(
             pamr=pamr,
             soft_masks=soft_masks,
             val_fraction=val_fraction,
+            min_area=min_area,
+            max_area=max_area,
         )
         try:
             cfg.method_config()
@@ -213,9 +224,10 @@ def generate(
     bar.stop()
     if jax.process_index() == 0:
         damaged = f", {result.damaged} damaged and made again" if result.damaged else ""
+        dropped = f" ({result.filtered} filtered out, no files)" if result.filtered else ""
         typer.echo(
             f"{result.written} generated, {result.resumed} already there{damaged}, "
-            f"{result.total} in {result.out} ({result.seconds:.1f} s)"
+            f"{result.total} in {result.out}{dropped} ({result.seconds:.1f} s)"
         )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ports.store import StoreError, atomic, verify
-from ports.store.manifest import MANIFEST, read_manifest, read_run_config
+from ports.store.manifest import MANIFEST, is_filtered, read_manifest, read_run_config
 from ports.store.voc import ID2LABEL, IGNORE_INDEX
 
 HF_SPLITS = {"train": "train", "val": "validation"}  # a record's split -> the HF split name
@@ -71,7 +71,7 @@ def _source(dataset: Path) -> tuple[list[dict], dict[int, str]]:
             "to see them and the generate command again to remake them, then export.",
             dataset,
         )
-    records, _ = read_manifest(dataset / MANIFEST)
+    records = [r for r in read_manifest(dataset / MANIFEST)[0] if not is_filtered(r)]
     table = json.loads((dataset / ID2LABEL).read_text(encoding="utf-8"))
     return records, {int(k): v for k, v in table.items()}
 

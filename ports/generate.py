@@ -51,6 +51,8 @@ class RunConfig:
     pamr: bool = False
     soft_masks: bool = False
     val_fraction: float = 0.0
+    min_area: float | None = None  # quality filters: each named class's share of the image
+    max_area: float | None = None
 
     def method_config(self):
         return jaxmask.methods.get(self.method, **dict(self.method_params))
@@ -72,6 +74,15 @@ class RunConfig:
             "soft_masks": self.soft_masks,
             # only when asked for: datasets made before splits existed still resume
             **({"val_fraction": self.val_fraction} if self.val_fraction else {}),
+            **({"filters": self.filters()} if self.filters() else {}),
+        }
+
+    def filters(self) -> dict:
+        """The quality filters that are set, as the run config records them."""
+        return {
+            k: v
+            for k, v in (("min_area", self.min_area), ("max_area", self.max_area))
+            if v is not None
         }
 
 
@@ -83,6 +94,7 @@ class RunResult:
     resumed: int
     seconds: float
     damaged: int = 0  # items whose files no longer matched the manifest: made again
+    filtered: int | None = None  # items the quality filters dropped (process 0, after the merge)
 
 
 def item_split(seed: int, global_index: int, val_fraction: float) -> str:
@@ -94,6 +106,24 @@ def item_split(seed: int, global_index: int, val_fraction: float) -> str:
     """
     digest = hashlib.sha256(f"jaxmask-split:{seed}:{global_index}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def filter_reason(fractions: dict[str, float], names: dict[str, str], cfg: RunConfig) -> str | None:
+    """Why an item's mask fails the run's quality filters, or None when it passes.
+
+    ``fractions``: each named class's share of the image by class id (the record's
+    ``mask_stats``); ``names``: class id -> name. DiffuMask and the users of these methods drop
+    pairs whose mask is empty or covers (almost) the whole image: ``min_area`` / ``max_area``.
+    """
+    for class_id, fraction in fractions.items():
+        if class_id == "0":
+            continue
+        name = names[class_id]
+        if cfg.min_area is not None and fraction < cfg.min_area:
+            return f"{name} covers {fraction:.2%} of the image, under min_area {cfg.min_area:.2%}"
+        if cfg.max_area is not None and fraction > cfg.max_area:
+            return f"{name} covers {fraction:.2%} of the image, over max_area {cfg.max_area:.2%}"
+    return None
 
 
 def _label_lookup(plan: Plan, item_classes) -> np.ndarray:
@@ -132,6 +162,17 @@ def check(cfg: RunConfig, batch_size: int = 4) -> None:
     v = cfg.val_fraction
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
         raise bad_arg("val_fraction", f"{{}} must lie in [0, 1), got {v!r}")
+    for name in ("min_area", "max_area"):
+        value = getattr(cfg, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):
+            raise bad_arg(name, f"{{}} must be a fraction of the image in [0, 1], got {value!r}")
+    if cfg.min_area is not None and cfg.max_area is not None and cfg.min_area >= cfg.max_area:
+        raise with_cli(
+            ValueError(f"min_area {cfg.min_area} must be below max_area {cfg.max_area}"),
+            f"--min-area {cfg.min_area} must be below --max-area {cfg.max_area}",
+        )
     if cfg.size is not None and (
         isinstance(cfg.size, bool) or not isinstance(cfg.size, int) or cfg.size < 1
     ):
@@ -247,10 +288,11 @@ def run(
             cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch
         )
         hosts.barrier("jaxmask-generate-done")
+        filtered = None
         if jax.process_index() == 0:
-            dataset.merge()
+            filtered = sum(bool(r.get("filtered")) for r in dataset.merge())
     return RunResult(
-        Path(out), plan.total, written, len(dataset.done), seconds, len(dataset.damaged)
+        Path(out), plan.total, written, len(dataset.done), seconds, len(dataset.damaged), filtered
     )
 
 
@@ -362,7 +404,12 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                 }
                 if cfg.val_fraction:
                     record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
-                writer.write(int(index), result.images[j], label, record, soft_masks=soft)
+                names = {str(i): n for i, n in zip(class_ids_, item.classes)}
+                reason = filter_reason(record["mask_stats"]["fraction"], names, cfg)
+                if reason is None:
+                    writer.write(int(index), result.images[j], label, record, soft_masks=soft)
+                else:
+                    writer.skip(int(index), record, reason)
                 written += 1
             if on_batch:
                 on_batch(int(np.sum(batch.valid)))

@@ -82,8 +82,8 @@ def preview_dataset(dataset: Path, out: Path, count: int = 8, tile: int = 160) -
     if not manifest.is_file():
         raise ValueError(f"{dataset} has no manifest.jsonl: is it a finished jaxmask VOC dataset?")
     rows = []
-    for line in manifest.read_text().splitlines()[:count]:
-        record = json.loads(line)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for record in [r for r in lines if not r.get("filtered")][:count]:
         with Image.open(dataset / "JPEGImages" / f"{record['id']}.jpg") as img:
             image = np.asarray(img.convert("RGB"))
         with Image.open(dataset / "SegmentationClass" / f"{record['id']}.png") as img:

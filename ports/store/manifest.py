@@ -73,7 +73,7 @@ NESTED_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("id", "fingerprint"),
 }
 #: Keys the writers set; a caller's record may hold them only with the same value.
-RESERVED_KEYS = ("id", "global_index", "files", "shard")
+RESERVED_KEYS = ("id", "global_index", "files", "shard", "filtered")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +186,23 @@ def validate_record(record: Mapping) -> None:
             problems.append(f"'size' should be [h, w] positive ints, got {record['size']!r}")
     if problems:
         raise ValueError("manifest record is incomplete: " + "; ".join(problems))
+
+
+def skipped_record(record: Mapping, global_index: int, reason: str) -> dict:
+    """The manifest line of an item a quality filter dropped: its record, no files, the reason.
+
+    It counts as finished (resume does not make it again) but names no file, so no split list,
+    export or loader sees it."""
+    if not isinstance(reason, str) or not reason:
+        raise ValueError(f"a filtered item needs its reason as a string, got {reason!r}")
+    record = prepare_record(record, global_index)
+    record.update(files={}, filtered=reason)
+    return record
+
+
+def is_filtered(record: Mapping) -> bool:
+    """Whether ``record`` is an item a quality filter dropped (see :func:`skipped_record`)."""
+    return bool(record.get("filtered"))
 
 
 def prepare_record(record: Mapping, global_index: int) -> dict:

@@ -277,6 +277,12 @@ class VocWriter:
             raise
         return record["id"]
 
+    def skip(self, global_index: int, record: Mapping, reason: str) -> str:
+        """Record an item a quality filter dropped: its manifest line with ``reason``, no files."""
+        record = manifest.skipped_record(record, int(global_index), reason)
+        self._manifest.append([record])
+        return record["id"]
+
     def close(self) -> None:
         self._manifest.close()
 
@@ -300,6 +306,9 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     found = []
     for record in records:
         files = record.get("files")
+        if manifest.is_filtered(record) and files == {}:
+            found.append(None)  # dropped by a quality filter: no files to check
+            continue
         if not isinstance(files, dict) or not files:
             found.append("the record lists no files")
             continue
@@ -355,5 +364,6 @@ def finalize(out: Path, merged: list[dict]) -> None:
     torchvision's ``VOCSegmentation`` and mmsegmentation read them."""
     atomic.make_folder(out / SPLITS)
     for name in SPLIT_NAMES:
-        ids = [r["id"] for r in merged if name == "trainval" or r.get("split", "train") == name]
+        kept = [r for r in merged if not manifest.is_filtered(r)]
+        ids = [r["id"] for r in kept if name == "trainval" or r.get("split", "train") == name]
         atomic.write_text(out / SPLITS / f"{name}.txt", "".join(f"{i}\n" for i in ids))

@@ -179,6 +179,13 @@ class ShardWriter:
             self.flush()
         return record["id"]
 
+    def skip(self, global_index: int, record: Mapping, reason: str) -> str:
+        """Record an item a quality filter dropped: its manifest line with ``reason``, in no
+        shard. Written at once: it does not wait for a shard."""
+        record = manifest.skipped_record(record, int(global_index), reason)
+        self._manifest.append([record])
+        return record["id"]
+
     def flush(self) -> None:
         """Finalize the current shard (if it holds items): close the tar, fsync, rename, then append
         its items' manifest lines."""
@@ -256,6 +263,9 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     found: list[str | None] = []
     for record in records:
         shard = record.get("shard")
+        if manifest.is_filtered(record) and "shard" not in record:
+            found.append(None)  # dropped by a quality filter: in no shard
+            continue
         if shard not in expected:
             found.append(f"the record names no valid shard ({shard!r})")
             continue
@@ -277,7 +287,7 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     damaged = {r.get("shard") for r, p in zip(records, found) if p is not None}
     return [
         p
-        if p is not None or r.get("shard") not in damaged
+        if p is not None or "shard" not in r or r["shard"] not in damaged
         else f"{r['shard']} holds a damaged item"
         for r, p in zip(records, found)
     ]
@@ -290,7 +300,7 @@ def complete(out: Path, records: list[dict]) -> list[bool]:
 
 def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_count: int) -> None:
     """Delete the incomplete shards and the temporary files this process owns."""
-    keep = {record["shard"] for record in finished.values()}
+    keep = {record["shard"] for record in finished.values() if "shard" in record}
     for entry in out.iterdir():
         match = _SHARD.fullmatch(entry.name)
         if (

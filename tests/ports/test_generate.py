@@ -560,3 +560,30 @@ def test_item_split_is_a_fraction_of_a_large_set():
     val = sum(item_split(7, i, 0.1) == "val" for i in range(20_000))
     assert 1800 < val < 2200  # 0.1 of 20k, within 5 sigma of a binomial
     assert all(item_split(7, i, 0.0) == "train" for i in range(100))
+
+
+def test_area_filters_keep_the_record_and_write_no_files(reference, tiny_sd_path, tmp_path):
+    ref = {r["id"]: r for r in records(reference[0])}
+    share = {i: r["mask_stats"]["fraction"][str(r["classes"][0]["id"])] for i, r in ref.items()}
+    cut = sorted(share.values())[TOTAL // 2]  # about half the items fall under it
+    dropped = {i for i, f in share.items() if f < cut}
+    assert 0 < len(dropped) < TOTAL
+
+    out = tmp_path / "filtered"
+    args = generate_args(out, tiny_sd_path, "--min-area", str(cut), batch_size=IN_PROCESS_BATCH)
+    code, output = invoke(*args)
+    assert code == 0, output
+    assert f"{TOTAL} generated" in output and f"({len(dropped)} filtered out, no files)" in output
+    lines = {r["id"]: r for r in records(out)}
+    assert sorted(lines) == IDS  # every item keeps its line
+    for name, record in lines.items():
+        assert ("filtered" in record) == (name in dropped), name
+        assert (out / "JPEGImages" / f"{name}.jpg").exists() == (name not in dropped)
+        if name in dropped:
+            assert record["files"] == {} and "under min_area" in record["filtered"]
+            assert record["mask_stats"] == ref[name]["mask_stats"]
+    kept = [i for i in IDS if i not in dropped]
+    assert (out / "ImageSets/Segmentation/train.txt").read_text().split() == kept
+    assert invoke("verify", out)[0] == 0
+    code, output = invoke(*args)  # a filtered item is finished: the rerun makes nothing
+    assert code == 0 and f"0 generated, {TOTAL} already there" in output, output

@@ -34,6 +34,11 @@ GENERATE_CASES = {
     "scheduler nosuch": (["--scheduler", "nosuch"], ["nosuch", "ddim"]),
     "format nosuch": (["--format", "zip"], ["--format", "voc, webdataset"]),
     "val fraction 1": (["--val-fraction", "1"], ["--val-fraction", "[0, 1)"]),
+    "min area 2": (["--min-area", "2"], ["--min-area", "[0, 1]"]),
+    "min area above max area": (
+        ["--min-area", "0.5", "--max-area", "0.1"],
+        ["--min-area 0.5 must be below --max-area 0.1"],
+    ),
     "num-processes without a coordinator": (
         ["--num-processes", "2"],
         ["--coordinator", "--process-id"],
