@@ -221,7 +221,7 @@ SENTINEL = ["--dtype", "nosuch"]
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(lines=st.lists(LINE, min_size=1, max_size=3))
 def test_fuzzed_prompts_files_get_a_message(lines, tmp_path):
@@ -236,7 +236,7 @@ def test_fuzzed_prompts_files_get_a_message(lines, tmp_path):
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     method=st.sampled_from(["seediff-code", "seediff-paper", "ca", "ca_sa"]),
