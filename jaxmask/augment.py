@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-IGNORE = 255  #: label of pixels a perspective transform maps from outside the source
+# also the label of pixels a perspective transform maps from outside the source
+from jaxmask.labels import IGNORE
+
 OCCLUDER_LABEL = 0  #: label of the pixels under an occluder (background)
 
 #: DiffuMask's splicing grids (rows, cols): 1x2 (horizontal or vertical at random), 2x2, 3x3,

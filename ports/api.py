@@ -34,8 +34,9 @@ from ports.errors import bad_arg
 from ports.sd.sample import Sampler, to_uint8
 from ports.toyworld import MODEL as DEFAULT_MODEL  # what ``load()`` gives without a model
 
-# One example's masks, batched over images (method and PAMR configs static).
-_extract_batch = jax.jit(
+#: ``jaxmask.extract_masks`` over a batch: ``(maps, token_weights, images, method, pamr)`` with a
+#: leading batch axis on the first three, jitted with the method and PAMR configs static.
+extract_batch = jax.jit(
     jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4)
 )
 
@@ -199,7 +200,7 @@ class Pipeline:
         soft_masks = label_maps = None
         if classes is not None:
             check_maps(samples.maps)
-            soft, labels = _extract_batch(
+            soft, labels = extract_batch(
                 samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg
             )
             soft_masks = np.asarray(soft, np.float32)

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxmask.labels import IGNORE
 from ports.store import StoreError, atomic, verify
 from ports.store.manifest import MANIFEST, is_filtered, read_manifest, read_run_config
-from ports.store.voc import ID2LABEL, IGNORE_INDEX
+from ports.store.voc import ID2LABEL
 
 HF_SPLITS = {"train": "train", "val": "validation"}  # a record's split -> the HF split name
 SHARD_ITEMS = 1000  # rows per Parquet file
@@ -172,7 +173,7 @@ def to_coco(dataset: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
     categories = [
         {"id": i, "name": name, "supercategory": "object"}
         for i, name in sorted(id2label.items())
-        if i not in (0, IGNORE_INDEX)
+        if i not in (0, IGNORE)
     ]
     tmp = _fresh(out)
     counts, total = {}, 0

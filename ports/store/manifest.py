@@ -48,7 +48,8 @@ FORMATS = {"voc": "ports.store.voc", "webdataset": "ports.store.webdataset"}
 DEFAULT_FORMAT = "voc"
 
 _PER_HOST = re.compile(r"manifest-(\d{5,})\.jsonl")
-_SHARD = re.compile(r"shard-(\d{5,})-(\d{5,})\.tar")
+#: A WebDataset shard's name: ``shard-<process>-<number>.tar`` (see ``ports.store.webdataset``).
+SHARD_PATTERN = re.compile(r"shard-(\d{5,})-(\d{5,})\.tar")
 
 #: Keys every record must carry, with the type of each, and the keys of the nested objects.
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -106,7 +107,7 @@ def temp_owner(target: str, process_count: int) -> int:
     """Which live process deletes a leftover temporary file, given the name it was written for:
     an item's file goes to the item's owner, a per-process file (manifest, shard) to
     :func:`file_owner`, a shared file (run config, ``train.txt``...) to process 0."""
-    match = _PER_HOST.fullmatch(target) or _SHARD.fullmatch(target)
+    match = _PER_HOST.fullmatch(target) or SHARD_PATTERN.fullmatch(target)
     if match:
         return file_owner(int(match.group(1)), process_count)
     index = parse_item_id(target)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxmask.labels import IGNORE
 from jaxmask.labels import VOC_PALETTE as _CORE_PALETTE
 from ports.scale.hosts import owner
 from ports.store import atomic, manifest
@@ -41,7 +42,6 @@ SPLITS = Path("ImageSets") / "Segmentation"
 #: puts it in one of the first two, and every item is in ``trainval``.
 SPLIT_NAMES = ("train", "val", "trainval")
 ID2LABEL = "id2label.json"
-IGNORE_INDEX = 255
 
 
 #: (256, 3) uint8: the colour of each label value in the PNGs (the core's VOC palette).
@@ -136,7 +136,7 @@ def check_id2label(id2label: Mapping[int, str]) -> dict[int, str]:
     checked = {}
     for key, name in dict(id2label).items():
         class_id = int(key)
-        if not 0 <= class_id < IGNORE_INDEX or not isinstance(name, str):
+        if not 0 <= class_id < IGNORE or not isinstance(name, str):
             raise ValueError(f"id2label must map ids 0..254 to names, got {key!r}: {name!r}")
         checked[class_id] = name
     if not checked:
@@ -148,7 +148,7 @@ def valid_labels(id2label: Mapping[int, str]) -> np.ndarray:
     """A (256,) boolean table: True for the class ids and the ignore index."""
     valid = np.zeros(256, bool)
     valid[list(id2label)] = True
-    valid[IGNORE_INDEX] = True
+    valid[IGNORE] = True
     return valid
 
 

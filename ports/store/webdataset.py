@@ -23,7 +23,6 @@ fixed metadata (mtime 0, uid 0, mode 0o644), so equal items give byte-equal shar
 import hashlib
 import io
 import os
-import re
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,6 @@ import numpy as np
 
 from ports.store import atomic, manifest, voc
 
-_SHARD = re.compile(r"shard-(\d{5,})-(\d{5,})\.tar")
 #: The member key of the class-id label map: ``sample["label.npz"]["label"]`` after
 #: ``webdataset.WebDataset(urls).decode(...)`` with any stock decoder.
 LABEL_IDS = "label.npz"
@@ -99,7 +97,7 @@ class ShardWriter:
             voc.write_id2label(self.out, self.id2label)
         numbers = [
             int(m.group(2))
-            for m in map(_SHARD.fullmatch, os.listdir(self.out))
+            for m in map(manifest.SHARD_PATTERN.fullmatch, os.listdir(self.out))
             if m and int(m.group(1)) == process_index
         ]
         self._next = max(numbers, default=-1) + 1
@@ -257,7 +255,7 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     expected: dict[str, set[str]] = {}
     for record in records:
         shard = record.get("shard")
-        if isinstance(shard, str) and _SHARD.fullmatch(shard):
+        if isinstance(shard, str) and manifest.SHARD_PATTERN.fullmatch(shard):
             expected.setdefault(shard, set()).update(_members(record))
     digests = {shard: _tar_digests(out / shard) for shard in expected}
     found: list[str | None] = []
@@ -302,7 +300,7 @@ def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_c
     """Delete the incomplete shards and the temporary files this process owns."""
     keep = {record["shard"] for record in finished.values() if "shard" in record}
     for entry in out.iterdir():
-        match = _SHARD.fullmatch(entry.name)
+        match = manifest.SHARD_PATTERN.fullmatch(entry.name)
         if (
             match
             and entry.name not in keep

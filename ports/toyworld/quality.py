@@ -45,9 +45,10 @@ import numpy as np
 
 import jaxmask
 from jaxmask.maps import CaptureSpec
-from jaxmask.masks import check_maps, extract_masks
+from jaxmask.masks import check_maps
 from jaxmask.refine import PAMR_DEFAULT
 from ports import toyworld
+from ports.api import extract_batch
 from ports.toyworld import scenes, segmenter
 
 DEFAULT_MODEL = toyworld.MODEL
@@ -56,11 +57,6 @@ NUM_CLASSES = len(scenes.CLASSES) + 1
 
 _STREAM_ORACLE, _STREAM_EVAL, _STREAM_PROMPTS = 0, 1, 2
 _SEGMENTER_KEY = 1_000_000  # fold_in index of the segmenters' key (item ids stay below it)
-
-_extract_batch = jax.jit(
-    jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4)
-)
-
 
 def auto_oracle_steps(per_class: int) -> int:
     """Segmenter steps when none are given: ``50 * per_class`` clipped to [400, 3000].
@@ -386,7 +382,7 @@ def measure(
                     check_maps(maps)
                     for name in names:
                         for p in pamr:
-                            _, labels = _extract_batch(
+                            _, labels = extract_batch(
                                 maps,
                                 jnp.asarray(weights),
                                 samples.images,

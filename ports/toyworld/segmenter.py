@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxmask.labels import IGNORE
 from jaxmask.metrics import confusion_matrix, iou, mean_iou
 from ports.toyworld.progress import reporter
 
-IGNORE = 255
 NUM_CLASSES = 9  # background + scenes.CLASSES
 
 
