@@ -150,7 +150,7 @@ def check(cfg: RunConfig, batch_size: int = 4) -> None:
         raise bad_arg("batch_size", f"{{}} must be an integer >= 1, got {batch_size!r}")
     if cfg.plan.total > MAX_ITEMS:
         raise bad_arg(
-            "plan",
+            "items_per_class",
             f"the plan has {cfg.plan.total:,} items; a dataset holds at most {MAX_ITEMS:,} "
             "(split it into several datasets), so lower {}",
             cli="--per-class",
@@ -199,10 +199,9 @@ def check_prompts(plan: Plan, tokenizer) -> None:
         item = plan.item(i)
         distinct.setdefault((item.prompt, item.words), None)
     for prompt, words in distinct:
+        # a truncated prompt warns; it is refused below only if it loses a class word
         with warnings.catch_warnings(record=True) as truncated:
-            warnings.simplefilter(
-                "always"
-            )  # a truncated prompt is refused below if it loses a word
+            warnings.simplefilter("always")
             ids = tokenize(tokenizer, [prompt])[0]
         try:
             jaxmask.class_token_weights(ids, [class_ids(tokenizer, w) for w in words], words)
