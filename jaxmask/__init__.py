@@ -17,7 +17,7 @@ from jaxmask.maps import (
     normalize_minmax,
     normalize_minmax_damped,
 )
-from jaxmask.masks import check_maps, extract_masks
+from jaxmask.masks import check_maps, extract_masks, mask_confidence
 from jaxmask.methods import ca, ca_sa, seediff
 from jaxmask.metrics import confusion_matrix, iou, mean_iou
 from jaxmask.refine import PAMR_DEFAULT, PAMR_SEEDIFF, PAMRConfig, pamr, resize
@@ -49,6 +49,7 @@ __all__ = [
     "normalize_minmax_damped",
     "check_maps",
     "extract_masks",
+    "mask_confidence",
     "ca",
     "ca_sa",
     "seediff",

@@ -63,6 +63,26 @@ def extract_masks(
     return soft, label_map(scores, method.fg_threshold, method.ignore_threshold)
 
 
+def mask_confidence(
+    soft_masks: Float[Array, "k h w"], labels: UInt8[Array, "h w"]
+) -> Float[Array, " k"]:
+    """How sure each class's mask is: the mean soft score over the pixels labelled with it.
+
+    A clean object sits near 1 inside its mask; a mask that only just passes the threshold
+    (noise the method labelled anyway) sits near it. Class ``c`` (0-based) is label ``c + 1``; a
+    class with no pixels scores 0. DiffuMask (Wu et al., ICCV 2023) drops noisy masks before
+    training; this is the drop rule ``jaxmask generate --min-confidence`` applies.
+
+    >>> soft = jnp.array([[[0.9, 0.7], [0.2, 0.0]]])
+    >>> round(float(mask_confidence(soft, jnp.array([[1, 1], [0, 0]], jnp.uint8))[0]), 3)
+    0.8
+    """
+    classes = jnp.arange(1, soft_masks.shape[0] + 1, dtype=labels.dtype)
+    inside = labels[None] == classes[:, None, None]
+    total = jnp.sum(jnp.where(inside, soft_masks, 0.0), axis=(1, 2))
+    return total / jnp.maximum(jnp.sum(inside, axis=(1, 2), dtype=jnp.float32), 1.0)
+
+
 def check_maps(maps: AttentionMaps) -> AttentionMaps:
     """Host-side guard for the shell: raise if any captured value is NaN or Inf.
 

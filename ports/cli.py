@@ -122,6 +122,12 @@ def generate(
     max_area: float = typer.Option(
         None, metavar="F", help="drop items where a named class covers more than this fraction"
     ),
+    min_confidence: float = typer.Option(
+        None,
+        metavar="F",
+        help="drop items where a named class's mask is unsure: its mean soft score inside the "
+        "mask is under F (0-1; the manifest records each score)",
+    ),
     val_fraction: float = typer.Option(
         0.0,
         metavar="F",
@@ -175,6 +181,7 @@ def generate(
             val_fraction=val_fraction,
             min_area=min_area,
             max_area=max_area,
+            min_confidence=min_confidence,
         )
         try:
             cfg.method_config()

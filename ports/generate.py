@@ -53,6 +53,7 @@ class RunConfig:
     val_fraction: float = 0.0
     min_area: float | None = None  # quality filters: each named class's share of the image
     max_area: float | None = None
+    min_confidence: float | None = None  # mean soft score inside each named class's mask
 
     def method_config(self):
         return jaxmask.methods.get(self.method, **dict(self.method_params))
@@ -81,7 +82,11 @@ class RunConfig:
         """The quality filters that are set, as the run config records them."""
         return {
             k: v
-            for k, v in (("min_area", self.min_area), ("max_area", self.max_area))
+            for k, v in (
+                ("min_area", self.min_area),
+                ("max_area", self.max_area),
+                ("min_confidence", self.min_confidence),
+            )
             if v is not None
         }
 
@@ -108,14 +113,16 @@ def item_split(seed: int, global_index: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def filter_reason(fractions: dict[str, float], names: dict[str, str], cfg: RunConfig) -> str | None:
+def filter_reason(stats: dict, names: dict[str, str], cfg: RunConfig) -> str | None:
     """Why an item's mask fails the run's quality filters, or None when it passes.
 
-    ``fractions``: each named class's share of the image by class id (the record's
-    ``mask_stats``); ``names``: class id -> name. DiffuMask and the users of these methods drop
-    pairs whose mask is empty or covers (almost) the whole image: ``min_area`` / ``max_area``.
+    ``stats``: the record's ``mask_stats`` (each named class's ``fraction`` of the image by class
+    id, and its ``confidence`` when ``min_confidence`` is set); ``names``: class id -> name.
+    DiffuMask and the users of these methods drop pairs whose mask is empty or covers (almost)
+    the whole image (``min_area`` / ``max_area``) and noisy masks (``min_confidence``: the mean
+    soft score inside the mask, ``jaxmask.mask_confidence``).
     """
-    for class_id, fraction in fractions.items():
+    for class_id, fraction in stats["fraction"].items():
         if class_id == "0":
             continue
         name = names[class_id]
@@ -123,6 +130,13 @@ def filter_reason(fractions: dict[str, float], names: dict[str, str], cfg: RunCo
             return f"{name} covers {fraction:.2%} of the image, under min_area {cfg.min_area:.2%}"
         if cfg.max_area is not None and fraction > cfg.max_area:
             return f"{name} covers {fraction:.2%} of the image, over max_area {cfg.max_area:.2%}"
+        if cfg.min_confidence is not None:
+            confidence = stats["confidence"][class_id]
+            if confidence < cfg.min_confidence:
+                return (
+                    f"{name}'s mask has confidence {confidence:.3f}, under min_confidence "
+                    f"{cfg.min_confidence}"
+                )
     return None
 
 
@@ -162,12 +176,16 @@ def check(cfg: RunConfig, batch_size: int = 4) -> None:
     v = cfg.val_fraction
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
         raise bad_arg("val_fraction", f"{{}} must lie in [0, 1), got {v!r}")
-    for name in ("min_area", "max_area"):
+    for name, what in (
+        ("min_area", "a fraction of the image"),
+        ("max_area", "a fraction of the image"),
+        ("min_confidence", "a soft mask score"),
+    ):
         value = getattr(cfg, name)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
         ):
-            raise bad_arg(name, f"{{}} must be a fraction of the image in [0, 1], got {value!r}")
+            raise bad_arg(name, f"{{}} must be {what} in [0, 1], got {value!r}")
     if cfg.min_area is not None and cfg.max_area is not None and cfg.min_area >= cfg.max_area:
         raise with_cli(
             ValueError(f"min_area {cfg.min_area} must be below max_area {cfg.max_area}"),
@@ -401,10 +419,15 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                     "mask_stats": mask_stats(label, [0, *class_ids_]),
                     "versions": versions,
                 }
+                if cfg.min_confidence is not None:
+                    confidence = jaxmask.mask_confidence(result.soft_masks[j], result.label_maps[j])
+                    record["mask_stats"]["confidence"] = {
+                        str(i): round(float(c), 6) for i, c in zip(class_ids_, confidence)
+                    }
                 if cfg.val_fraction:
                     record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
                 names = {str(i): n for i, n in zip(class_ids_, item.classes)}
-                reason = filter_reason(record["mask_stats"]["fraction"], names, cfg)
+                reason = filter_reason(record["mask_stats"], names, cfg)
                 if reason is None:
                     writer.write(int(index), result.images[j], label, record, soft_masks=soft)
                 else:

@@ -154,3 +154,18 @@ def test_colorize():
     np.testing.assert_array_equal(jax.jit(colorize)(labels), rgb)
     with pytest.raises(ValueError, match="labels must be an integer label map, got dtype float32"):
         colorize(jnp.zeros((2, 2)))
+
+
+def test_mask_confidence_is_the_mean_score_inside_each_mask():
+    from jaxmask import mask_confidence
+
+    soft = jnp.array(
+        [
+            [[0.9, 0.7, 0.1], [0.5, 0.0, 0.0]],  # class 1: labelled at 0.9, 0.7, 0.5
+            [[0.0, 0.0, 0.8], [0.0, 0.2, 0.3]],  # class 2: labelled nowhere
+        ]
+    )
+    label = jnp.array([[1, 1, 255], [1, 0, 0]], jnp.uint8)  # 255 counts for no class
+    np.testing.assert_allclose(mask_confidence(soft, label), [0.7, 0.0], atol=1e-6)
+    batched = jax.jit(jax.vmap(mask_confidence))(soft[None].repeat(2, 0), label[None].repeat(2, 0))
+    np.testing.assert_allclose(batched, [[0.7, 0.0]] * 2, atol=1e-6)

@@ -547,6 +547,39 @@ def test_val_fraction_splits_items_by_a_hash_of_seed_and_index(reference, tiny_s
     assert (ref / "val.txt").read_text() == "" and (ref / "trainval.txt").read_text().split() == IDS
 
 
+def test_confidence_filter_drops_the_unsure_masks(reference, tiny_sd_path, tmp_path):
+    beta = 0.3  # seediff-code's threshold: every labelled pixel scores at least this
+    scored = tmp_path / "scored"
+    code, output = invoke(
+        *generate_args(scored, tiny_sd_path, "--min-confidence", "0", batch_size=IN_PROCESS_BATCH)
+    )
+    assert code == 0 and "filtered out" not in output, output
+    confidence = {}
+    for record in records(scored):
+        stats = record["mask_stats"]
+        for cid, score in stats["confidence"].items():
+            assert (beta <= score <= 1) if stats["fraction"][cid] > 0 else score == 0, record
+        confidence[record["id"]] = min(stats["confidence"].values())
+    # scoring changes no item: the files are the reference's
+    for path, data in reference[1].items():
+        if path.startswith(("JPEGImages/", "SegmentationClass/")):
+            assert snapshot(scored)[path] == data, path
+
+    cut = sorted(confidence.values())[TOTAL // 2]
+    dropped = {i for i, c in confidence.items() if c < cut}
+    assert 0 < len(dropped) < TOTAL
+    out = tmp_path / "filtered"
+    args = generate_args(
+        out, tiny_sd_path, "--min-confidence", str(cut), batch_size=IN_PROCESS_BATCH
+    )
+    code, output = invoke(*args)
+    assert code == 0 and f"({len(dropped)} filtered out, no files)" in output, output
+    for record in records(out):
+        assert ("filtered" in record) == (record["id"] in dropped), record["id"]
+        if record["id"] in dropped:
+            assert "under min_confidence" in record["filtered"] and record["files"] == {}
+
+
 def test_item_split_is_a_fraction_of_a_large_set():
     from ports.generate import item_split
 

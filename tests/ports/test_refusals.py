@@ -35,6 +35,7 @@ GENERATE_CASES = {
     "format nosuch": (["--format", "zip"], ["--format", "voc, webdataset"]),
     "val fraction 1": (["--val-fraction", "1"], ["--val-fraction", "[0, 1)"]),
     "min area 2": (["--min-area", "2"], ["--min-area", "[0, 1]"]),
+    "min confidence 2": (["--min-confidence", "2"], ["--min-confidence", "[0, 1]"]),
     "min area above max area": (
         ["--min-area", "0.5", "--max-area", "0.1"],
         ["--min-area 0.5 must be below --max-area 0.1"],
