@@ -47,7 +47,8 @@ from jaxmask.augment import (
 )
 from ports.scale.hosts import SEED_RULE, item_key
 from ports.store import StoreError, mask_stats, open_dataset, read_manifest, software_versions, voc
-from ports.store.manifest import is_filtered, manifest_files, read_run_config
+from ports.store.dataset import read_run_config
+from ports.store.records import is_filtered, manifest_files
 
 STEPS = (  # (name in records, probability field, parameter field), in augment's order
     ("perspective", "perspective_prob", "perspective_strength"),

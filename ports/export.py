@@ -26,7 +26,8 @@ from PIL import Image
 
 from jaxmask.labels import IGNORE
 from ports.store import StoreError, atomic, verify
-from ports.store.manifest import MANIFEST, is_filtered, read_manifest, read_run_config
+from ports.store.dataset import read_run_config
+from ports.store.records import MANIFEST, is_filtered, read_manifest
 from ports.store.voc import ID2LABEL
 
 HF_SPLITS = {"train": "train", "val": "validation"}  # a record's split -> the HF split name

@@ -1,5 +1,8 @@
 """Dataset writers: VOC folders and WebDataset shards, the manifest, resume, atomic writes.
 
+``records`` (manifest records and files), ``dataset`` (run config, open, resume, merge, verify),
+``formats`` (format name to writer and hooks), ``voc``, ``webdataset``, ``atomic``, ``lock``.
+
 A run::
 
     dataset = open_dataset(out, run_config, overwrite, process_index=p, process_count=n,
@@ -13,20 +16,16 @@ A run::
 """
 
 from ports.store.atomic import StoreError
-from ports.store.manifest import (
+from ports.store.dataset import RUN_CONFIG, Dataset, merge_manifests, open_dataset, verify
+from ports.store.records import (
     MANIFEST,
     REQUIRED_KEYS,
-    RUN_CONFIG,
-    Dataset,
     ManifestWriter,
     item_id,
     mask_stats,
-    merge_manifests,
-    open_dataset,
     read_manifest,
     software_versions,
     validate_record,
-    verify,
 )
 from ports.store.voc import VOC_PALETTE, VocWriter
 from ports.store.webdataset import ShardWriter

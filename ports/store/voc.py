@@ -10,12 +10,13 @@ peer read with no glue.
     <out>/ImageSets/Segmentation/{train,val,trainval}.txt  ids by split, in global-index order
                                               (written by the merge)
     <out>/id2label.json                       {"0": "background", "1": "cat", ...}
-    <out>/manifest-<process>.jsonl            one line per finished item (see ports.store.manifest)
+    <out>/manifest-<process>.jsonl            one line per finished item (see ports.store.records)
 
-``<id>`` is ``manifest.item_id(global_index)`` (``00000012``). An item's files are each written
-atomically, then its manifest line is appended: a line implies complete files. The encoders here
-(:func:`encode_jpeg`, :func:`encode_label_png`, :func:`encode_soft_masks`) are deterministic: the same
-arrays give the same bytes, which is what makes a resumed run byte-identical to an uninterrupted one.
+``<id>`` is ``ports.store.records.item_id(global_index)`` (``00000012``). An item's files are
+each written atomically, then its manifest line is appended: a line implies complete files. The
+encoders here (:func:`encode_jpeg`, :func:`encode_label_png`, :func:`encode_soft_masks`) are
+deterministic: the same arrays give the same bytes, which is what makes a resumed run
+byte-identical to an uninterrupted one.
 """
 
 import hashlib
@@ -32,7 +33,16 @@ from PIL import Image
 from jaxmask.labels import IGNORE
 from jaxmask.labels import VOC_PALETTE as _CORE_PALETTE
 from ports.scale.hosts import owner
-from ports.store import atomic, manifest
+from ports.store import atomic
+from ports.store.records import (
+    ManifestWriter,
+    clean_temps,
+    is_filtered,
+    manifest_name,
+    parse_item_id,
+    prepare_record,
+    skipped_record,
+)
 
 IMAGES = "JPEGImages"
 LABELS = "SegmentationClass"
@@ -181,7 +191,7 @@ def item_payload(
     global_index = int(global_index)
     if global_index < 0:
         raise ValueError(f"global_index must be >= 0, got {global_index}")
-    record = manifest.prepare_record(record, global_index)
+    record = prepare_record(record, global_index)
     image = check_image(image)
     label_map = check_label_map(label_map, valid)
     if image.shape[:2] != label_map.shape:
@@ -209,8 +219,8 @@ def item_payload(
 class VocWriter:
     """Writes items into a VOC-layout folder for one process.
 
-    Use after ``manifest.open_dataset`` (which creates or resumes the folder), for the global
-    indices ``Dataset.todo(total)`` returns; call ``manifest.merge_manifests`` on process 0 once
+    Use after ``ports.store.open_dataset`` (which creates or resumes the folder), for the global
+    indices ``Dataset.todo(total)`` returns; call ``ports.store.merge_manifests`` on process 0 once
     every process is done.
 
     >>> with VocWriter(out, {0: "background", 1: "cat"}) as writer:     # doctest: +SKIP
@@ -234,7 +244,7 @@ class VocWriter:
             atomic.make_folder(self.out / folder)
         if process_index == 0:
             write_id2label(self.out, self.id2label)
-        self._manifest = manifest.ManifestWriter(self.out / manifest.manifest_name(process_index))
+        self._manifest = ManifestWriter(self.out / manifest_name(process_index))
 
     def write(self, global_index: int, image, label_map, record: Mapping, soft_masks=None) -> str:
         """Write one item: image, label map, optional soft masks, then its manifest line.
@@ -243,7 +253,7 @@ class VocWriter:
           global_index: the item's index in the whole dataset (decides its id and key).
           image: uint8 (h, w, 3).
           label_map: integer (h, w): ids of ``id2label`` or 255.
-          record: the manifest record (``manifest.REQUIRED_KEYS``); ``id``, ``global_index`` and
+          record: the manifest record (``ports.store.REQUIRED_KEYS``); ``id``, ``global_index`` and
             ``files`` are added here.
           soft_masks: optional float (k, r, r), one map per ``record["classes"]`` entry, stored
             float16; pass a low resolution (64 or 128), not the image size.
@@ -279,7 +289,7 @@ class VocWriter:
 
     def skip(self, global_index: int, record: Mapping, reason: str) -> str:
         """Record an item a quality filter dropped: its manifest line with ``reason``, no files."""
-        record = manifest.skipped_record(record, int(global_index), reason)
+        record = skipped_record(record, int(global_index), reason)
         self._manifest.append([record])
         return record["id"]
 
@@ -293,11 +303,8 @@ class VocWriter:
         self.close()
 
 
-Writer = VocWriter
-
-
 # ---------------------------------------------------------------------------------------------
-# Resume and merge hooks (called by ports.store.manifest)
+# Resume, merge and verify hooks (``ports.store.formats``)
 
 
 def problems(out: Path, records: list[dict]) -> list[str | None]:
@@ -306,7 +313,7 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     found = []
     for record in records:
         files = record.get("files")
-        if manifest.is_filtered(record) and files == {}:
+        if is_filtered(record) and files == {}:
             found.append(None)  # dropped by a quality filter: no files to check
             continue
         if not isinstance(files, dict) or not files:
@@ -346,16 +353,16 @@ def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_c
     for folder in (IMAGES, LABELS, SOFT_MASKS):
         if not (out / folder).is_dir():
             continue
-        manifest.clean_temps(out / folder, process_index, process_count)
+        clean_temps(out / folder, process_index, process_count)
         for entry in (out / folder).iterdir():
-            index = manifest.parse_item_id(entry.name)
+            index = parse_item_id(entry.name)
             if index is None or atomic.is_temp(entry.name) or not entry.is_file():
                 continue
             mine = owner(index, process_count) == process_index
             if mine and f"{folder}/{entry.name}" not in expected:
                 atomic.remove_quietly(entry)
-    manifest.clean_temps(out, process_index, process_count)
-    manifest.clean_temps(out / SPLITS, process_index, process_count)
+    clean_temps(out, process_index, process_count)
+    clean_temps(out / SPLITS, process_index, process_count)
 
 
 def finalize(out: Path, merged: list[dict]) -> None:
@@ -364,6 +371,6 @@ def finalize(out: Path, merged: list[dict]) -> None:
     torchvision's ``VOCSegmentation`` and mmsegmentation read them."""
     atomic.make_folder(out / SPLITS)
     for name in SPLIT_NAMES:
-        kept = [r for r in merged if not manifest.is_filtered(r)]
+        kept = [r for r in merged if not is_filtered(r)]
         ids = [r["id"] for r in kept if name == "trainval" or r.get("split", "train") == name]
         atomic.write_text(out / SPLITS / f"{name}.txt", "".join(f"{i}\n" for i in ids))

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ports.store import atomic, manifest, voc
+from ports.store import atomic, voc
+from ports.store.records import (
+    SHARD_PATTERN,
+    ManifestWriter,
+    clean_temps,
+    encode_record,
+    file_owner,
+    is_filtered,
+    manifest_name,
+    skipped_record,
+)
 
 #: The member key of the class-id label map: ``sample["label.npz"]["label"]`` after
 #: ``webdataset.WebDataset(urls).decode(...)`` with any stock decoder.
@@ -60,9 +70,9 @@ class _FdFile:
 class ShardWriter:
     """Writes items into WebDataset tar shards for one process.
 
-    Use after ``manifest.open_dataset`` (``run_config["format"] == "webdataset"``), for the global
-    indices ``Dataset.todo(total)`` returns; ``close`` finalizes the last, partial shard. New shards
-    are numbered after the highest existing one of this process.
+    Use after ``ports.store.open_dataset`` (``run_config["format"] == "webdataset"``), for the
+    global indices ``Dataset.todo(total)`` returns; ``close`` finalizes the last, partial shard.
+    New shards are numbered after the highest existing one of this process.
 
     Args:
       out: the dataset folder.
@@ -97,11 +107,11 @@ class ShardWriter:
             voc.write_id2label(self.out, self.id2label)
         numbers = [
             int(m.group(2))
-            for m in map(manifest.SHARD_PATTERN.fullmatch, os.listdir(self.out))
+            for m in map(SHARD_PATTERN.fullmatch, os.listdir(self.out))
             if m and int(m.group(1)) == process_index
         ]
         self._next = max(numbers, default=-1) + 1
-        self._manifest = manifest.ManifestWriter(self.out / manifest.manifest_name(process_index))
+        self._manifest = ManifestWriter(self.out / manifest_name(process_index))
         self._tar: tarfile.TarFile | None = None
         self._fd: int | None = None
         self._temp: Path | None = None
@@ -163,7 +173,7 @@ class ShardWriter:
         try:
             for name, data in payload.values():
                 self._add(name, data)
-            self._add(f"{record['id']}.json", manifest.encode_record(record))
+            self._add(f"{record['id']}.json", encode_record(record))
         except OSError as exc:
             path = self.out / self._name
             self._abandon()
@@ -180,7 +190,7 @@ class ShardWriter:
     def skip(self, global_index: int, record: Mapping, reason: str) -> str:
         """Record an item a quality filter dropped: its manifest line with ``reason``, in no
         shard. Written at once: it does not wait for a shard."""
-        record = manifest.skipped_record(record, int(global_index), reason)
+        record = skipped_record(record, int(global_index), reason)
         self._manifest.append([record])
         return record["id"]
 
@@ -223,11 +233,8 @@ class ShardWriter:
             self._manifest.close()
 
 
-Writer = ShardWriter
-
-
 # ---------------------------------------------------------------------------------------------
-# Resume and merge hooks (called by ports.store.manifest)
+# Resume, merge and verify hooks (``ports.store.formats``)
 
 
 def _members(record: dict) -> set[str]:
@@ -255,13 +262,13 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
     expected: dict[str, set[str]] = {}
     for record in records:
         shard = record.get("shard")
-        if isinstance(shard, str) and manifest.SHARD_PATTERN.fullmatch(shard):
+        if isinstance(shard, str) and SHARD_PATTERN.fullmatch(shard):
             expected.setdefault(shard, set()).update(_members(record))
     digests = {shard: _tar_digests(out / shard) for shard in expected}
     found: list[str | None] = []
     for record in records:
         shard = record.get("shard")
-        if manifest.is_filtered(record) and "shard" not in record:
+        if is_filtered(record) and "shard" not in record:
             found.append(None)  # dropped by a quality filter: in no shard
             continue
         if shard not in expected:
@@ -300,15 +307,15 @@ def clean(out: Path, finished: Mapping[int, dict], process_index: int, process_c
     """Delete the incomplete shards and the temporary files this process owns."""
     keep = {record["shard"] for record in finished.values() if "shard" in record}
     for entry in out.iterdir():
-        match = manifest.SHARD_PATTERN.fullmatch(entry.name)
+        match = SHARD_PATTERN.fullmatch(entry.name)
         if (
             match
             and entry.name not in keep
             and entry.is_file()
-            and manifest.file_owner(int(match.group(1)), process_count) == process_index
+            and file_owner(int(match.group(1)), process_count) == process_index
         ):
             atomic.remove_quietly(entry)
-    manifest.clean_temps(out, process_index, process_count)
+    clean_temps(out, process_index, process_count)
 
 
 def finalize(out: Path, merged: list[dict]) -> None:

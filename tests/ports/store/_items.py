@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ports.scale.hosts import SEED_RULE
-from ports.store import manifest, open_dataset
+from ports.store import open_dataset
+from ports.store.records import mask_stats
 
 ID2LABEL = {0: "background", 1: "cat", 2: "dog"}
 SIZE = (12, 16)
@@ -31,7 +32,7 @@ def make_record(global_index: int, label_map, seed_value=None) -> dict:
         "guidance": 7.5,
         "size": list(SIZE),
         "dtype": "float32",
-        "mask_stats": manifest.mask_stats(label_map, ID2LABEL),
+        "mask_stats": mask_stats(label_map, ID2LABEL),
         "versions": {"jax": "test"},
     }
 

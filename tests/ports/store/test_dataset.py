@@ -1,83 +1,26 @@
-"""The manifest, the run config, resume after a crash, refusal of another config, merging."""
+"""The dataset folder: the run config, resume after a crash, refusal of another config, merging."""
 
 import errno
 import json
 
-import numpy as np
 import pytest
 
 from ports.errors import for_cli
 from ports.store import (
     MANIFEST,
-    REQUIRED_KEYS,
     RUN_CONFIG,
     StoreError,
-    manifest,
     merge_manifests,
     open_dataset,
     read_manifest,
-    validate_record,
 )
+from ports.store.records import manifest_name
 from tests.ports.store import _items
-from tests.ports.store._items import make_item, snapshot, temp_files
+from tests.ports.store._items import snapshot, temp_files
 
 
 def no_barrier(name):
     del name
-
-
-# ---------------------------------------------------------------------------------------------
-# Records
-
-
-def test_validate_record_names_every_problem():
-    record = make_item(0)[2]
-    validate_record(record)
-    broken = {k: v for k, v in record.items() if k not in ("prompt", "versions")}
-    broken["seed"] = {"rule": "fold_in"}
-    broken["classes"] = [{"id": 1, "name": "cat"}]
-    broken["guidance"] = "7.5"
-    with pytest.raises(ValueError) as caught:
-        validate_record(broken)
-    message = str(caught.value)
-    for expected in (
-        "missing 'prompt'",
-        "missing 'versions'",
-        "missing seed.value",
-        "missing classes[0].token_positions",
-        "'guidance' should be number",
-    ):
-        assert expected in message
-    assert set(REQUIRED_KEYS) >= {"prompt", "classes", "seed", "method", "model", "versions"}
-
-
-def test_record_lines_are_canonical_json():
-    _, _, record, _ = make_item(3)
-    shuffled = dict(reversed(list(record.items())))
-    line = manifest.encode_record(record)
-    assert (
-        line == manifest.encode_record(shuffled) and line.endswith(b"\n") and line.count(b"\n") == 1
-    )
-    assert json.loads(line) == record
-    assert json.loads(manifest.encode_record({"x": np.float32(0.5), "y": np.arange(2)})) == {
-        "x": 0.5,
-        "y": [0, 1],
-    }
-    with pytest.raises(ValueError):
-        manifest.encode_record({"x": float("nan")})
-
-
-def test_mask_stats_by_hand():
-    label_map = np.array([[0, 1, 1, 255], [0, 0, 2, 2]])
-    assert manifest.mask_stats(label_map, [0, 1, 2]) == {
-        "fraction": {"0": 0.375, "1": 0.25, "2": 0.25},
-        "ignore": 0.125,
-    }
-
-
-def test_software_versions_names_jax_and_numpy():
-    versions = manifest.software_versions()
-    assert versions["numpy"] == np.__version__ and versions["jax"] and versions["python"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +192,7 @@ def test_two_processes_split_the_work_and_merge(tmp_path, fmt):
     _items.run(single, fmt, total)
     out = tmp_path / "two"
     run_processes(out, fmt, total, 2)
-    per_host = [read_manifest(out / manifest.manifest_name(p))[0] for p in (0, 1)]
+    per_host = [read_manifest(out / manifest_name(p))[0] for p in (0, 1)]
     assert [r["global_index"] for r in per_host[0]] == [0, 2, 4, 6, 8]
     assert [r["global_index"] for r in per_host[1]] == [1, 3, 5, 7]
     merged = merge_manifests(out)
