@@ -55,22 +55,10 @@ from ports.sd.capture import MAPS, NOTHING, head_mean_kernel, intercept_attentio
 from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from ports.sd.load import StableDiffusion
 from ports.sd.sample import Sampler
+from ports.sd.schedulers import SD_DDIM_CONFIG  # the DDIM config the peer uses
 
 PEER = "python ../shared/bench/peer_torch_sd.py"
 DEFAULT_PEAK_TFLOPS = 792.0  # bf16 8192^3 matmul, H100 80GB HBM3, jax 0.11.2 (performance.md 1.3)
-
-# The DDIM configuration the peer uses (SD 2-base's own scheduler values).
-SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +228,7 @@ def build(config: str | ModelConfig, dtype=jnp.float32, seed: int = 0) -> Stable
         text_encoder=text,
         text_params=random_params(text_shapes, dtype, seed + 2),
         tokenizer=None,
-        scheduler_config=dict(SCHEDULER_CONFIG),
+        scheduler_config=dict(SD_DDIM_CONFIG),
         latent_channels=cfg.vae["latent_channels"],
         vae_scale_factor=2 ** (len(cfg.vae["block_out_channels"]) - 1),
         source=f"random:{config if isinstance(config, str) else 'custom'}",

@@ -34,6 +34,7 @@ Example::
 
 import inspect
 import math
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,23 @@ import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger befo
 
 NAMES = ("ddim", "pndm", "dpm++")
 _ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpmpp": "dpm++"}
+
+#: Stable Diffusion's DDIM scheduler config (SD 1.x / 2-base ``scheduler/scheduler_config.json``):
+#: the ``scaled_linear`` beta schedule from 0.00085 to 0.012 over 1000 training steps, epsilon
+#: prediction. Read-only; copy it (``dict(SD_DDIM_CONFIG)``) to pass or extend it.
+SD_DDIM_CONFIG: Mapping[str, Any] = types.MappingProxyType(
+    {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
+)
 
 # Config values the Flax scheduler does not implement: {key: values it does implement}.
 # A key missing from the checkpoint's config means the PyTorch default, which is always supported.

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmask.labels import IGNORE
 from ports.scale.hosts import owner
 from ports.store import atomic
 from ports.store.atomic import StoreError
@@ -199,7 +200,7 @@ def prepare_record(record: Mapping, global_index: int) -> dict:
     return record
 
 
-def mask_stats(label_map, class_ids: Iterable[int], ignore_index: int = 255) -> dict:
+def mask_stats(label_map, class_ids: Iterable[int], ignore_index: int = IGNORE) -> dict:
     """Pixel fractions of a label map, for the manifest.
 
     Returns ``{"fraction": {"<id>": f, ...}, "ignore": f}``, with background (0) included when it
