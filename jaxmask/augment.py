@@ -12,9 +12,9 @@ Conventions (every function here):
   the input's (plus the documented ``0``/``255`` of a step). Labels are never interpolated.
 - keys are traced arguments; the sub-steps of :func:`augment` use ``fold_in`` subkeys.
 
-The reference (DiffuMask, ``script/splicing_augmentation_VOC.py``; reference/methods.md 3.3
-item 6) implements only splicing; the paper's other augmentations (occlusion, perspective,
-blur/noise) are not in the released code, so their parameters here are our choices.
+The reference (weijiawu/DiffuMask ``script/splicing_augmentation_VOC.py``) implements only
+splicing; the paper's other augmentations (occlusion, perspective, blur/noise) are not in the
+released code, so their parameters here are our choices.
 """
 
 import dataclasses
@@ -31,7 +31,7 @@ from jaxmask.labels import IGNORE
 OCCLUDER_LABEL = 0  #: label of the pixels under an occluder (background)
 
 #: DiffuMask's splicing grids (rows, cols): 1x2 (horizontal or vertical at random), 2x2, 3x3,
-#: 5x5, 6x6, 7x7, 8x8 (reference/methods.md 3.3 item 6; no 4x4 in the reference script).
+#: 5x5, 6x6, 7x7, 8x8 (weijiawu/DiffuMask ``script/splicing_augmentation_VOC.py``; no 4x4 there).
 DIFFUMASK_GRIDS: tuple[tuple[int, int], ...] = (
     (1, 2),
     (2, 1),
@@ -246,7 +246,7 @@ def splice(
        ``size``, so a dataset keeps one image size.
 
     References:
-      DiffuMask, ``script/splicing_augmentation_VOC.py`` (reference/methods.md 3.3 item 6).
+      weijiawu/DiffuMask ``script/splicing_augmentation_VOC.py``.
     """
     if not (isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1):
         raise ValueError(f"rows and cols must be ints >= 1, got {rows!r} and {cols!r}")

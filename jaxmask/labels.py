@@ -63,7 +63,7 @@ def label_map(
               = 255        where ignore_threshold <= top < fg_threshold
               = 0          elsewhere (background)
 
-    This is Dataset Diffusion's rule (``gen_data.py``, methods.md 4.3 step 4: 0.6 and 0.5);
+    This is Dataset Diffusion's rule (VinAIResearch/Dataset-Diffusion ``gen_data.py``: 0.6, 0.5);
     ``ignore_threshold=None`` gives no ignore band (SeeDiff Eq. 12 with beta, DiffuMask).
 
     Args:

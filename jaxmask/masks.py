@@ -27,7 +27,8 @@ def extract_masks(
     threshold them (a bicubic overshoot above 1 still wins Dataset Diffusion's argmax). The
     returned soft masks are clipped to [0, 1]. With PAMR, the clipped masks are refined on
     ``[background, classes]`` with ``background = 1 - max_c`` (PAMR refines soft class scores
-    with background, methods.md 6) and the refined masks are labelled.
+    with background: visinf/1-stage-wseg ``models/mods/pamr.py: PAMR.forward``) and the refined
+    masks are labelled.
 
     Args:
       maps: one image's maps, captured with ``method.capture_spec``.

@@ -1,6 +1,6 @@
 """Confusion matrix, per-class IoU and mIoU with an ignore index.
 
-The convention of detectron2's ``SemSegEvaluator`` and mmseg's ``IoUMetric`` (ecosystem.md 8):
+The convention of detectron2's ``SemSegEvaluator`` and mmseg's ``IoUMetric``:
 one confusion matrix accumulated over every pixel of the dataset (sum the per-image matrices),
 then IoU per class and the mean over classes; not a mean of per-image mIoUs.
 """

@@ -103,9 +103,11 @@ def resize(
     >>> resize(jnp.array([[0.0, 1.0]]), (1, 4)).tolist()
     [[0.0, 0.25, 0.75, 1.0]]
 
-    References: SeeDiff code ``cv2.resize(INTER_CUBIC)`` (methods.md 2.2 steps 4-7);
-    DiffuMask ``save_cross_attention`` (``cv2.resize``, methods.md 3.1); Dataset Diffusion
-    ``gen_data.py`` (``F.interpolate(mode="bicubic")``, methods.md 4.3).
+    References: BAIKLAB-Admin/SeeDiff ``seediff_app.py: aggregate_attention``
+    (``cv2.resize(INTER_CUBIC)``); weijiawu/DiffuMask
+    ``Stable_Diffusion/parallel_generate_VOC_Attention_AnyClass.py: save_cross_attention``
+    (``cv2.resize``); VinAIResearch/Dataset-Diffusion ``gen_data.py``
+    (``F.interpolate(mode="bicubic")``).
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
@@ -214,7 +216,7 @@ def pamr_affinity(
     everywhere.
 
     References: ``visinf/1-stage-wseg`` ``models/mods/pamr.py``: ``LocalAffinityAbs``,
-    ``LocalStDev``, ``PAMR.forward`` (methods.md 6).
+    ``LocalStDev``, ``PAMR.forward``.
     """
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape (h, w, 3), got {image.shape}")
@@ -289,7 +291,7 @@ def pamr(
 
     References: N. Araslanov and S. Roth, "Single-Stage Semantic Segmentation from Image
     Labels", CVPR 2020, Sec. 3.3; ``visinf/1-stage-wseg`` ``models/mods/pamr.py``
-    (methods.md 6); SeeDiff ``src/pamr.py``.
+    (``PAMR``); BAIKLAB-Admin/SeeDiff ``src/pamr.py``.
     """
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape (h, w, 3), got {image.shape}")

@@ -153,7 +153,8 @@ def threshold_otsu_levels(levels: Int[Array, "..."]) -> Int[Array, ""]:
 
     References: N. Otsu 1979; OpenCV ``imgproc/src/thresh.cpp: getThreshVal_Otsu_8u`` /
     ``getThreshVal_Otsu_16u``; SeeDiff code ``cv2.threshold((m*m*255).astype(np.uint16), 0,
-    255, THRESH_BINARY + THRESH_OTSU)`` (methods.md 2.2 steps 2, 4).
+    255, THRESH_BINARY + THRESH_OTSU)`` in BAIKLAB-Admin/SeeDiff ``seediff_app.py:
+    aggregate_attention`` (the seeds at 16, the background seeds at 32 and 64).
     """
     values = jnp.asarray(levels)
     if values.size == 0:

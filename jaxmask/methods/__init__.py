@@ -10,7 +10,7 @@ capture (``capture_spec``) and how its soft masks become labels (``fg_threshold`
 | ``ca``          | DiffuMask-style cross-attention, max-normalised, mean over 16/32/64    |
 | ``ca_sa``       | Dataset Diffusion: self-attention^tau times upsampled cross-attention  |
 | ``seediff-paper`` | SeeDiff as the paper writes it (Eq. 6-12)                          |
-| ``seediff-code``  | SeeDiff as its released code runs it (methods.md section 2.2)      |
+| ``seediff-code``  | SeeDiff as its released code runs it (docs/methods.md, SeeDiff)    |
 """
 
 import dataclasses

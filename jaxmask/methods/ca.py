@@ -88,7 +88,7 @@ def ca(
     cfg: CAConfig = CA,
     size: tuple[int, int] | None = None,
 ) -> Float[Array, "k h w"]:
-    """Cross-attention masks, DiffuMask's ``save_cross_attention`` (methods.md 3.1).
+    """Cross-attention masks, DiffuMask's ``save_cross_attention``.
 
     Per side ``r``: the layer-mean map of every token is upsampled to ``(h, w)`` and divided
     by its max; the sides are averaged; a class is the mean over its tokens:
@@ -109,8 +109,8 @@ def ca(
       reference's ``/max`` would make it a full-image mask), and bicubic undershoot below 0
       is clipped (the reference keeps it; no threshold in [0, 1] sees the difference).
 
-    References: DiffuMask ``parallel_generate_VOC_Attention_AnyClass.py``; SeeDiff Eq. 5
-    (aggregation), Table 5 row "CA".
+    References: weijiawu/DiffuMask ``Stable_Diffusion/parallel_generate_VOC_Attention_AnyClass.py:
+    save_cross_attention``; SeeDiff Eq. 5 (aggregation), Table 5 row "CA".
     """
     layout = maps.model_layout()
     sides = cfg.sides(layout if layout is not None else tuple(maps.cross))

@@ -14,7 +14,7 @@ from jaxmask.refine import resize
 
 @dataclasses.dataclass(frozen=True)
 class CASAConfig:
-    """Dataset Diffusion (``gen_data.py``, methods.md 4.3).
+    """Dataset Diffusion (VinAIResearch/Dataset-Diffusion ``gen_data.py``).
 
     Attributes:
       cross_resolution: CA side; ``None`` = finest / 4 (16 for SD at 512 px).

@@ -1,10 +1,11 @@
 """SeeDiff: seeds from cross-attention, region expansion with self-attention, background
-inversion (Park, Jo, Baik, AAAI; ``seeds/001``), as building blocks composed in the paper's
-order (Eq. 6 -> 12), with every paper-vs-code choice a named switch.
+inversion (Park, Jo, Baik, AAAI), as building blocks composed in the paper's order
+(Eq. 6 -> 12), with every paper-vs-code choice a named switch.
 
 .. warning::
-   The released code (BAIKLAB/SeeDiff ``seediff_app.py``; methods.md section 2) differs from
-   the paper in these places. ``SEEDIFF_PAPER`` follows the paper, ``SEEDIFF_CODE`` the code:
+   The released code (BAIKLAB-Admin/SeeDiff ``seediff_app.py: save_cross_attention``,
+   ``aggregate_attention``; docs/methods.md, SeeDiff) differs from the paper in these places.
+   ``SEEDIFF_PAPER`` follows the paper, ``SEEDIFF_CODE`` the code:
 
    ==================  ==========================  =======================================
    switch              paper                       code
@@ -295,8 +296,8 @@ def seediff(
       ``(k, R, R)`` soft masks in [0, 1] at the finest side ``R``. A class whose seed map is
       flat (no seeds) gets an all-zero mask.
 
-    References: SeeDiff Eq. 5-12; ``seediff_app.py: save_cross_attention`` /
-    ``aggregate_attention`` (methods.md 2.2 steps 1-5).
+    References: SeeDiff Eq. 5-12; BAIKLAB-Admin/SeeDiff ``seediff_app.py: save_cross_attention``
+    / ``aggregate_attention``.
     """
     if maps.self_attn and maps.self_layers != cfg.self_layers:
         raise ValueError(
