@@ -1,12 +1,13 @@
 """Independent replays of the released code paths, in numpy + OpenCV (and PyTorch where the code
 uses it), and random structured scenes to feed them and jaxmask alike.
 
-Written from ``shared/reference/methods.md`` (sections 2.2, 3.1, 4.3) and the code's semantics,
-not from jaxmask: per-head maps in, the code's own reductions (head sums, ``torch.var``,
-``cv2.resize(INTER_CUBIC)``, ``cv2.threshold(uint16, THRESH_OTSU)``, ``F.interpolate``,
-``torch.matrix_power``) applied step by step. The one liberty: a sum of cosine similarities over
-seeds is computed as one product with the sum of the seeds' unit rows (the same number as the
-code's per-seed loop, at ``n^2`` instead of ``|S| n^2`` work), in float64.
+Written from the released code's semantics (BAIKLAB-Admin/SeeDiff ``seediff_app.py``,
+weijiawu/DiffuMask ``parallel_generate_VOC_Attention_AnyClass.py``, VinAIResearch/Dataset-Diffusion
+``gen_data.py``), not from jaxmask: per-head maps in, the code's own reductions (head sums,
+``torch.var``, ``cv2.resize(INTER_CUBIC)``, ``cv2.threshold(uint16, THRESH_OTSU)``,
+``F.interpolate``, ``torch.matrix_power``) applied step by step. The one liberty: a sum of cosine
+similarities over seeds is computed as one product with the sum of the seeds' unit rows (the same
+number as the code's per-seed loop, at ``n^2`` instead of ``|S| n^2`` work), in float64.
 
 A scene holds per-layer, per-head attention probabilities (softmax over keys) of a few
 elliptical objects: cross-attention at every side whose class tokens light up their object
@@ -169,7 +170,7 @@ def _cosine_sum(self_attn: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 
 
 def seediff_code(scene: Scene, token: int, size: int = 512):
-    """SeeDiff ``seediff_app.py: save_cross_attention`` (methods.md 2.2 steps 1-5 and 7).
+    """SeeDiff ``seediff_app.py: save_cross_attention`` / ``aggregate_attention``.
 
     Returns ``(soft (size, size), mask (size, size) bool)``: the min-max of the bicubic 64 map
     at ``size``, and it thresholded ``> beta``.
@@ -203,7 +204,7 @@ def seediff_code(scene: Scene, token: int, size: int = 512):
 
 
 def diffumask_ca(scene: Scene, class_tokens: list[list[int]], size: int = 512):
-    """DiffuMask ``save_cross_attention`` (methods.md 3.1): per side, the mean over layers x
+    """DiffuMask ``save_cross_attention``: per side, the mean over layers x
     heads; per token, ``cv2.resize`` to the image and ``/ max``; mean over sides, then over
     the class's tokens. Returns ``(k, size, size)`` soft maps (unclipped)."""
     per_side = []
@@ -224,7 +225,7 @@ def diffumask_ca(scene: Scene, class_tokens: list[list[int]], size: int = 512):
 
 
 def dataset_diffusion(scene: Scene, class_tokens: list[list[int]], size: int = 512):
-    """Dataset Diffusion ``gen_data.py`` (methods.md 4.3) in PyTorch: CA at the coarse side and
+    """Dataset Diffusion ``gen_data.py`` in PyTorch: CA at the coarse side and
     SA at the next (means over layers x heads), CA bicubic to the SA side, ``matrix_power(SA,
     4) @ ca``, min-max per class, bicubic to the image; label = argmax + 1 where the max is
     >= 0.6, 255 where it is in [0.5, 0.6). Returns ``(outs (k, size, size), label)``."""
