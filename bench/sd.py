@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask import methods
 from jaxmask.maps import CaptureSpec
 from jaxmask.masks import extract_masks

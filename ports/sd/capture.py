@@ -57,7 +57,6 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
-import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import CaptureSpec, head_mean_probs
 from ports.sd import headmean
 

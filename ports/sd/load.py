@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import Layout
 from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from ports.sd.clip import convert_state_dict as convert_clip_state_dict

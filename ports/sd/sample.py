@@ -36,10 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
 from jaxmask.maps import AttentionMaps, CaptureSpec
-from ports.sd import schedulers
 from ports.errors import bad_arg, with_cli
+from ports.sd import schedulers
 from ports.sd.capture import MAPS, NOTHING, intercept_attention, step_maps
 
 _VAE_SCALING = 0.18215  # SD 1.x / 2.x; a VAE config's scaling_factor wins

@@ -41,8 +41,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-import ports.sd  # noqa: F401  (silences diffusers' Flax deprecation logger before diffusers loads)
-
 NAMES = ("ddim", "pndm", "dpm++")
 _ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpmpp": "dpm++"}
 
