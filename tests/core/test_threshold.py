@@ -45,7 +45,7 @@ def _sample(rng: np.random.Generator, kind: str, shape) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["uniform", "bimodal", "skewed", "wide"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_equals_skimage_on_random_arrays(kind, shape):
-    rng = np.random.default_rng(abs(hash((kind, shape))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((kind, shape)).encode()))  # same in every process
     for _ in range(8):
         x = _sample(rng, kind, shape)
         assert float(otsu(jnp.asarray(x))) == sk_otsu(x), x
