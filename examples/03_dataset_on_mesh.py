@@ -5,8 +5,12 @@
 Same as `jaxmask generate --model MODEL --classes cat,dog --per-class 8 --out OUT`. On a
 multi-host pod, call `ports.scale.hosts.initialize_distributed(auto=True)` first: each host
 then writes its share and process 0 merges the manifests.
+
+JAXMASK_EXAMPLE_SMALL=1 makes 1 item per class in 2 steps (what the test suite runs, on the
+bundled toy model).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,14 +19,20 @@ import jax
 from ports import generate, plan
 
 model, out = sys.argv[1], Path(sys.argv[2])
+small = os.environ.get("JAXMASK_EXAMPLE_SMALL") == "1"
 cfg = generate.RunConfig(
-    plan=plan.make_plan("cat,dog", items_per_class=8, templates=("a photo of a {class}",)),
+    plan=plan.make_plan(
+        "cat,dog", items_per_class=1 if small else 8, templates=("a photo of a {class}",)
+    ),
     model=model,
     method="seediff-code",
-    steps=50,
+    steps=2 if small else 50,
     guidance=7.5,
     seed=0,
 )
 batch = 2 * jax.local_device_count()  # a multiple of the devices: each gets 2 images per batch
 result = generate.run(cfg, out, batch_size=batch)
-print(f"{result.written} written, {result.resumed} already there; {result.total} items in {result.out}")
+print(
+    f"{result.written} written, {result.resumed} already there;",
+    f"{result.total} items in {result.out}",
+)
