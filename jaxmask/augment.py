@@ -19,6 +19,7 @@ released code, so their parameters here are our choices.
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,8 @@ class AugmentConfig:
     the other three are ours (the reference code has none of them).
     """
 
-    grids: tuple[tuple[int, int], ...] = DIFFUMASK_GRIDS
-    grid_weights: tuple[float, ...] = DIFFUMASK_GRID_WEIGHTS
+    grids: Sequence[Sequence[int]] = DIFFUMASK_GRIDS  # stored as a tuple of (rows, cols) tuples
+    grid_weights: Sequence[float] = DIFFUMASK_GRID_WEIGHTS  # stored as a tuple
     perspective_prob: float = 0.5
     perspective_strength: float = 0.1
     occlusion_prob: float = 0.5
@@ -290,7 +291,7 @@ def gaussian_noise(
     key: jax.Array,
     image: Float[Array, "h w 3"],
     label: UInt8[Array, "h w"],
-    sigma: float,
+    sigma: float | Float[Array, ""],
 ) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
     """Add i.i.d. Gaussian noise of standard deviation ``sigma`` to the image, then clip to
     [0, 1]; the labels are returned unchanged (DiffuMask's noise/blur augmentation, paper Sec.
@@ -365,7 +366,7 @@ def perspective(
     key: jax.Array,
     image: Float[Array, "h w 3"],
     label: UInt8[Array, "h w"],
-    strength: float,
+    strength: float | Float[Array, ""],
 ) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
     """One random homography applied to image and labels alike (DiffuMask's perspective
     augmentation, paper Sec. 3.3; not in the reference code).
@@ -409,7 +410,7 @@ def occlude(
     key: jax.Array,
     image: Float[Array, "h w 3"],
     label: UInt8[Array, "h w"],
-    max_fraction: float,
+    max_fraction: float | Float[Array, ""],
 ) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
     """Paste a random rectangle of one random colour over the image; its pixels become label
     ``0`` background (DiffuMask's occlusion augmentation, paper Sec. 3.3; not in the reference

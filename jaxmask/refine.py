@@ -6,6 +6,7 @@ SeeDiff's as presets.
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -145,7 +146,7 @@ class PAMRConfig:
        hard-codes 0.2 and runs dilation 1 for thousands of iterations (``PAMR_SEEDIFF``).
     """
 
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)  # stored as a tuple
     num_iter: int = 10
     sigma_scale: float = 0.1
 

@@ -3,7 +3,7 @@
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Real
 
 
 def _histogram(
@@ -117,7 +117,7 @@ def threshold_otsu(values: Float[Array, "..."], nbins: int = 256) -> Float[Array
     return jnp.where(hi > lo, centres[jnp.argmax(variance)], lo)
 
 
-def threshold_otsu_levels(levels: Int[Array, "..."]) -> Int[Array, ""]:
+def threshold_otsu_levels(levels: Real[Array, "..."]) -> Int[Array, ""]:
     """Otsu's threshold on integer levels, as OpenCV's ``cv2.threshold(..., THRESH_OTSU)``.
 
     OpenCV histograms an 8- or 16-bit image by value (one bin per level ``0 .. 2**bits - 1``,

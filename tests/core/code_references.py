@@ -19,6 +19,7 @@ gives: the mean over heads, with the head count in the ``Layout``.
 import dataclasses
 
 import cv2
+import jax.numpy as jnp
 import numpy as np
 
 import jaxmask
@@ -131,11 +132,11 @@ def jaxmask_maps(scene: Scene, self_layers: str, cross_sides=None) -> jaxmask.At
     """What jaxmask's capture holds: head means (float32), layers kept for cross-attention;
     self-attention of the first up layer (layer 0) or the mean over layers."""
     cross_sides = scene.sides if cross_sides is None else cross_sides
-    cross = {r: scene.cross[r].mean(axis=1) for r in cross_sides}
+    cross = {r: jnp.asarray(scene.cross[r].mean(axis=1)) for r in cross_sides}
     if self_layers == "first_up":
-        self_attn = {r: a[0].mean(axis=0) for r, a in scene.self_attn.items()}
+        self_attn = {r: jnp.asarray(a[0].mean(axis=0)) for r, a in scene.self_attn.items()}
     else:
-        self_attn = {r: a.mean(axis=(0, 1)) for r, a in scene.self_attn.items()}
+        self_attn = {r: jnp.asarray(a.mean(axis=(0, 1))) for r, a in scene.self_attn.items()}
     heads = scene.cross[scene.sides[0]].shape[1]
     layout = jaxmask.Layout(scene.sides, first_up=scene.sides, heads=(heads,) * len(scene.sides))
     return jaxmask.AttentionMaps(
