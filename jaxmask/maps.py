@@ -86,6 +86,34 @@ class CaptureSpec:
         return tuple(lo <= i < hi and (i - lo) % self.every == 0 for i in range(num_steps))
 
 
+def merge_specs(specs) -> tuple[tuple[CaptureSpec, ...], tuple[int, ...]]:
+    """Group capture specs that one sampling run can serve together (``CaptureSpec.union``).
+
+    Returns the merged specs and, for each input, the index of the merged spec that holds what it
+    needs. SeeDiff-code's first-up-layer self-attention and SeeDiff-paper's per-step max cannot
+    share a spec with the others, so a run for every method captures two or three specs at once.
+
+    >>> a, b = CaptureSpec(cross=(16,)), CaptureSpec(cross=(8,), self_attn=(32,))
+    >>> merged, where = merge_specs([a, b, a])
+    >>> merged[0].cross, merged[0].self_attn, where
+    ((8, 16), (32,), (0, 0, 0))
+    """
+    merged: list[CaptureSpec] = []
+    where = []
+    for spec in specs:
+        for g, group in enumerate(merged):
+            try:
+                merged[g] = group.union(spec)
+            except ValueError:
+                continue
+            where.append(g)
+            break
+        else:
+            merged.append(spec)
+            where.append(len(merged) - 1)
+    return tuple(merged), tuple(where)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a UNet attends at one image size: what the methods need to place their sides.

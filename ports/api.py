@@ -19,7 +19,7 @@ Example::
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmask
-from jaxmask.maps import AttentionMaps, CaptureSpec
+from jaxmask.maps import AttentionMaps, CaptureSpec, merge_specs
 from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
 from ports.errors import bad_arg
+from ports.sd.capture import NOTHING
 from ports.sd.sample import Sampler, to_uint8
 from ports.toyworld import MODEL as DEFAULT_MODEL  # what ``load()`` gives without a model
 
@@ -70,6 +71,26 @@ class GenerateResult:
             f"masks={'yes' if self.label_maps is not None else 'no'}, "
             f"maps={'yes' if self.maps is not None else 'no'})"
         )
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class BatchResult:
+    """What ``Pipeline.batch`` returns (numpy arrays on the host).
+
+    Attributes:
+      images: ``(b, h, w, 3)`` uint8.
+      masks: per method, per PAMR choice, ``(soft_masks (b, k, h, w) float32, label_maps
+        (b, h, w) uint8)``; empty without classes.
+      maps: the captured ``AttentionMaps``, one per distinct spec, when ``return_maps``.
+      specs: the capture specs the run captured (``jaxmask.maps.merge_specs`` of the methods').
+      groups: per method, the index of its spec (and maps) in ``specs``.
+    """
+
+    images: np.ndarray
+    masks: tuple[tuple[tuple[np.ndarray, np.ndarray], ...], ...]
+    maps: tuple[AttentionMaps, ...] | None
+    specs: tuple[CaptureSpec, ...]
+    groups: tuple[int, ...]
 
 
 class Pipeline:
@@ -122,6 +143,7 @@ class Pipeline:
         return_maps: bool = False,
         pamr: PAMRConfig | bool | None = None,
         item_ids: Sequence[int] | None = None,
+        mesh=None,
     ) -> GenerateResult:
         """Generate one image per prompt, and masks of the named classes from the model's attention.
 
@@ -149,6 +171,8 @@ class Pipeline:
             defaults, None/False for none.
           item_ids: the items' global indices (default ``0..b-1``); item ``i``'s noise is
             ``fold_in(key, item_ids[i])`` (dataset runs pass their global indices).
+          mesh: split the batch over a device mesh's "data" axis
+            (``ports.scale.mesh.data_mesh()``; ``b`` a multiple of its size); default: one device.
 
         Returns:
           ``GenerateResult``.
@@ -168,50 +192,110 @@ class Pipeline:
         method = _method(method)
         pamr_cfg = _pamr(pamr)
 
+        wants_maps = classes is not None or return_maps
+        step = self.batch(
+            prompts,
+            key,
+            classes=classes,
+            methods=(method,) if wants_maps else (),
+            pamr=(pamr_cfg,),
+            negative_prompts=negatives,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            scheduler=scheduler,
+            item_ids=item_ids,
+            return_maps=return_maps,
+            mesh=mesh,
+        )
+        soft_masks, label_maps = step.masks[0][0] if classes is not None else (None, None)
+        return GenerateResult(
+            images=step.images,
+            label_maps=label_maps,
+            soft_masks=soft_masks,
+            classes=classes if classes is not None else tuple(() for _ in prompts),
+            prompts=tuple(prompts),
+            maps=step.maps[0] if return_maps else None,
+        )
+
+    def batch(
+        self,
+        prompts: Sequence[str],
+        key: jax.Array,
+        *,
+        classes: Sequence[Sequence[str]] | None,
+        methods: Sequence[jaxmask.methods.MethodConfig],
+        pamr: Sequence[PAMRConfig | None] = (None,),
+        negative_prompts: Sequence[str] | None = None,
+        steps: int = 50,
+        guidance: float = 7.5,
+        size: int | None = None,
+        scheduler: str = "ddim",
+        item_ids: Sequence[int] | None = None,
+        capture: Mapping[str, Any] | None = None,
+        return_maps: bool = False,
+        mesh=None,
+    ) -> BatchResult:
+        """One batch step, the one ``generate``, dataset runs and ``jaxmask quality`` share:
+        tokenize -> class-token weights -> one sampling run that captures for every method ->
+        each (method, PAMR) pair's masks, on the host.
+
+        Takes checked arguments (``generate`` checks a user's): ``prompts`` and, per prompt, the
+        ``classes`` (one count for all; None: images, and maps if ``return_maps``), method configs
+        and PAMR configs (None: no refinement), ``size`` a valid side. Methods whose capture specs
+        merge share one capture (``jaxmask.maps.merge_specs``). ``capture`` replaces fields of
+        every spec (``step_window``, ``every``: what capturing fewer steps costs); ``mesh`` goes
+        to the sampler. Returns a ``BatchResult``.
+        """
         from ports.sd.tokenizer import class_ids, tokenize
 
-        ids = tokenize(self.sd.tokenizer, prompts)
-        negative_ids = tokenize(self.sd.tokenizer, negatives)
-
-        method_cfg, weights, spec = None, None, CaptureSpec()
-        if classes is not None or return_maps:
-            method_cfg = method
-            spec = method_cfg.capture_spec(self.layout(size))
-        if classes is not None:
-            weights = np.stack(
-                [
-                    _token_weights(self.sd.tokenizer, class_ids, ids[i], prompts[i], classes[i])
-                    for i in range(b)
-                ]
-            )
-
+        tokenizer = self.sd.tokenizer
+        ids = tokenize(tokenizer, prompts)
+        negatives = [""] * len(prompts) if negative_prompts is None else negative_prompts
+        layout = self.layout(size)
+        specs = [m.capture_spec(layout) for m in methods]
+        if capture:
+            specs = [dataclasses.replace(spec, **capture) for spec in specs]
+        merged, where = merge_specs(specs)
         samples = self.sampler(
             ids,
-            negative_ids,
+            tokenize(tokenizer, negatives),
             key,
             item_ids=item_ids,
             steps=steps,
             guidance=guidance,
             scheduler=scheduler,
             size=size,
-            spec=spec,
+            # one spec stays a spec: the programs (and bytes) of single-method runs are unchanged
+            spec=merged[0] if len(merged) == 1 else merged or NOTHING,
+            mesh=mesh,
         )
-
-        soft_masks = label_maps = None
+        maps = (samples.maps,) if len(merged) == 1 else tuple(samples.maps) if merged else ()
+        masks = ()
         if classes is not None:
-            check_maps(samples.maps)
-            soft, labels = extract_batch(
-                samples.maps, jnp.asarray(weights), samples.images, method_cfg, pamr_cfg
+            weights = jnp.asarray(
+                np.stack(
+                    [
+                        _token_weights(tokenizer, class_ids, ids[i], prompts[i], tuple(names))
+                        for i, names in enumerate(classes)
+                    ]
+                )
             )
-            soft_masks = np.asarray(soft, np.float32)
-            label_maps = np.asarray(labels, np.uint8)
-        return GenerateResult(
+            for m in maps:
+                check_maps(m)
+            masks = tuple(
+                tuple(
+                    _host_masks(extract_batch(maps[g], weights, samples.images, method, p))
+                    for p in pamr
+                )
+                for method, g in zip(methods, where)
+            )
+        return BatchResult(
             images=to_uint8(samples.images),
-            label_maps=label_maps,
-            soft_masks=soft_masks,
-            classes=classes if classes is not None else tuple(() for _ in prompts),
-            prompts=tuple(prompts),
-            maps=jax.device_get(samples.maps) if return_maps else None,
+            masks=masks,
+            maps=tuple(jax.device_get(m) for m in maps) if return_maps else None,
+            specs=merged,
+            groups=where,
         )
 
     def check_size(self, height: int | None = None, width: int | None = None) -> int:
@@ -353,6 +437,11 @@ def _classes(classes, b: int) -> tuple[tuple[str, ...], ...] | None:
             "classes is empty: name at least one class, or pass classes=None for images only"
         )
     return tuple(per_prompt)
+
+
+def _host_masks(masks) -> tuple[np.ndarray, np.ndarray]:
+    soft, labels = masks
+    return np.asarray(soft, np.float32), np.asarray(labels, np.uint8)
 
 
 def _token_weights(

@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import typer  # noqa: E402
 
-from ports import compile_cache  # noqa: E402
+from ports import compile_cache, progress  # noqa: E402
 
 # Plain click help: it wraps long option names at 80 columns where rich's tables cut them.
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -199,7 +199,7 @@ def generate(
         _fail(err)
     import jax
 
-    bar = _progress(disable=jax.process_index() != 0)  # process 0 shows it
+    bar = progress.bar(disable=jax.process_index() != 0)  # process 0 shows it
     start, task, made = time.perf_counter(), None, 0
 
     def on_start(total, done):  # the folder is open, so every check has passed: draw the bar
@@ -254,7 +254,7 @@ def verify(
         found = verify_dataset(dataset)
     except (StoreError, ValueError) as err:
         _fail(err)
-    from ports.store.manifest import read_run_config
+    from ports.store.dataset import read_run_config
 
     plan = read_run_config(dataset).get("plan") or {}
     total = plan.get("items_per_class", 0) * len(plan.get("classes", ())) or None
@@ -444,26 +444,6 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _progress(disable: bool = False):
-    """A rich progress bar: task description, bar, done/total, images/s, ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=disable,
-    )
-
-
 @app.command(cls=_Command, short_help="DiffuMask's augmentations of a dataset, as a new one.")
 def augment(
     src: Path = typer.Argument(
@@ -509,7 +489,7 @@ def augment(
     except ValueError as err:
         _fail(err)
     start = time.perf_counter()
-    with _progress() as bar:
+    with progress.bar() as bar:
         task = bar.add_task("augment", total=count, rate="")
 
         def on_item(_index, _id):
@@ -557,6 +537,15 @@ def quality(
         None, help="capture only in START,STOP (fractions of the steps), e.g. 0,0.5"
     ),
     every: int = typer.Option(None, min=1, help="capture every k-th step"),
+    min_area: float = typer.Option(
+        None, metavar="F", help="also score the pairs generate --min-area F would keep"
+    ),
+    max_area: float = typer.Option(
+        None, metavar="F", help="also score the pairs generate --max-area F would keep"
+    ),
+    min_confidence: float = typer.Option(
+        None, metavar="F", help="also score the pairs generate --min-confidence F would keep"
+    ),
 ) -> None:
     """Measure mask quality on the toy world: every method (with and without PAMR) against a
     supervised oracle on generated images, and a segmenter trained on jaxmask's pairs tested on
@@ -564,10 +553,13 @@ def quality(
     import json
     import sys
 
+    from ports.generate import Filters
     from ports.toyworld import quality as q
 
     overrides: dict[str, dict] = {}
     try:
+        bounds = (min_area, max_area, min_confidence)
+        filters = Filters(*bounds) if any(b is not None for b in bounds) else None
         for text in param:
             method, _, assignment = text.partition(":")
             if not assignment:
@@ -584,6 +576,7 @@ def quality(
             oracle_cache=None if oracle_cache == "none" else Path(oracle_cache).expanduser(),
             window=_window(window),
             every=every,
+            filters=filters,
         )
     except (ValueError, OSError) as err:
         _fail(err)

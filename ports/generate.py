@@ -27,7 +27,8 @@ from ports.sd.sample import check_guidance, check_steps
 from ports.sd.schedulers import canonical_name
 from ports.store import lock, mask_stats, open_dataset, software_versions
 from ports.store.atomic import StoreError
-from ports.store.manifest import FORMATS, read_run_config
+from ports.store.dataset import read_run_config
+from ports.store.formats import FORMATS
 
 SOFT_MASK_SIDE = 64  # optional soft masks are stored at 64 x 64 (float16), not at image size
 
@@ -113,30 +114,69 @@ def item_split(seed: int, global_index: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def filter_reason(stats: dict, names: dict[str, str], cfg: RunConfig) -> str | None:
-    """Why an item's mask fails the run's quality filters, or None when it passes.
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """Quality filters: which generated pairs to drop (``RunConfig``'s fields of the same names;
+    ``jaxmask quality --min-area ...`` measures what they do to mask quality).
+
+    Attributes:
+      min_area, max_area: bounds on each named class's share of the image.
+      min_confidence: lower bound on each named class's ``jaxmask.mask_confidence``.
+    """
+
+    min_area: float | None = None
+    max_area: float | None = None
+    min_confidence: float | None = None
+
+    def __post_init__(self):
+        check_filters(self)
+
+
+def check_filters(filters) -> None:
+    """Refuse filter bounds outside [0, 1], or ``min_area >= max_area`` (``filters``: a
+    ``Filters`` or a ``RunConfig``)."""
+    for name, what in (
+        ("min_area", "a fraction of the image"),
+        ("max_area", "a fraction of the image"),
+        ("min_confidence", "a soft mask score"),
+    ):
+        value = getattr(filters, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):
+            raise bad_arg(name, f"{{}} must be {what} in [0, 1], got {value!r}")
+    lo, hi = filters.min_area, filters.max_area
+    if lo is not None and hi is not None and lo >= hi:
+        raise with_cli(
+            ValueError(f"min_area {lo} must be below max_area {hi}"),
+            f"--min-area {lo} must be below --max-area {hi}",
+        )
+
+
+def filter_reason(stats: dict, names: dict[str, str], filters) -> str | None:
+    """Why an item's mask fails the quality filters, or None when it passes.
 
     ``stats``: the record's ``mask_stats`` (each named class's ``fraction`` of the image by class
-    id, and its ``confidence`` when ``min_confidence`` is set); ``names``: class id -> name.
-    DiffuMask and the users of these methods drop pairs whose mask is empty or covers (almost)
-    the whole image (``min_area`` / ``max_area``) and noisy masks (``min_confidence``: the mean
-    soft score inside the mask, ``jaxmask.mask_confidence``).
+    id, and its ``confidence`` when ``min_confidence`` is set); ``names``: class id -> name;
+    ``filters``: a ``Filters`` or a ``RunConfig`` (the same fields). DiffuMask and the users of
+    these methods drop pairs whose mask is empty or covers (almost) the whole image
+    (``min_area`` / ``max_area``) and noisy masks (``min_confidence``: the mean soft score
+    inside the mask, ``jaxmask.mask_confidence``).
     """
+    lo, hi, sure = filters.min_area, filters.max_area, filters.min_confidence
     for class_id, fraction in stats["fraction"].items():
         if class_id == "0":
             continue
         name = names[class_id]
-        if cfg.min_area is not None and fraction < cfg.min_area:
-            return f"{name} covers {fraction:.2%} of the image, under min_area {cfg.min_area:.2%}"
-        if cfg.max_area is not None and fraction > cfg.max_area:
-            return f"{name} covers {fraction:.2%} of the image, over max_area {cfg.max_area:.2%}"
-        if cfg.min_confidence is not None:
-            confidence = stats["confidence"][class_id]
-            if confidence < cfg.min_confidence:
-                return (
-                    f"{name}'s mask has confidence {confidence:.3f}, under min_confidence "
-                    f"{cfg.min_confidence}"
-                )
+        if lo is not None and fraction < lo:
+            return f"{name} covers {fraction:.2%} of the image, under min_area {lo:.2%}"
+        if hi is not None and fraction > hi:
+            return f"{name} covers {fraction:.2%} of the image, over max_area {hi:.2%}"
+        if sure is not None and stats["confidence"][class_id] < sure:
+            return (
+                f"{name}'s mask has confidence {stats['confidence'][class_id]:.3f}, under "
+                f"min_confidence {sure}"
+            )
     return None
 
 
@@ -176,21 +216,7 @@ def check(cfg: RunConfig, batch_size: int = 4) -> None:
     v = cfg.val_fraction
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
         raise bad_arg("val_fraction", f"{{}} must lie in [0, 1), got {v!r}")
-    for name, what in (
-        ("min_area", "a fraction of the image"),
-        ("max_area", "a fraction of the image"),
-        ("min_confidence", "a soft mask score"),
-    ):
-        value = getattr(cfg, name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-        ):
-            raise bad_arg(name, f"{{}} must be {what} in [0, 1], got {value!r}")
-    if cfg.min_area is not None and cfg.max_area is not None and cfg.min_area >= cfg.max_area:
-        raise with_cli(
-            ValueError(f"min_area {cfg.min_area} must be below max_area {cfg.max_area}"),
-            f"--min-area {cfg.min_area} must be below --max-area {cfg.max_area}",
-        )
+    check_filters(cfg)
     if cfg.size is not None and (
         isinstance(cfg.size, bool) or not isinstance(cfg.size, int) or cfg.size < 1
     ):
@@ -283,10 +309,11 @@ def run(
         size=size,
         spec=spec,
     )
+    mesh = None
     if devices > 1:  # split every batch over this host's devices
         from ports.scale.mesh import data_mesh
 
-        pipeline.sampler.mesh = data_mesh()
+        mesh = data_mesh()
     with lock.hold(out, jax.process_index(), hosts.agree):
         _refuse_dropping_items(out, cfg, sd, size, overwrite)
         dataset = open_dataset(
@@ -302,7 +329,7 @@ def run(
         if on_start:
             on_start(plan.total, len(dataset.done))
         written, seconds = _write(
-            cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch
+            cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch, mesh
         )
         hosts.barrier("jaxmask-generate-done")
         filtered = None
@@ -355,7 +382,7 @@ def extends(stored: dict, config: dict) -> bool:
     return Plan.from_json(config["plan"]).extends(old)
 
 
-def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch):
+def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch, mesh):
     """Generate and write this process's ``todo``: (items written, seconds)."""
     sd = pipeline.sd
     model = dataset.run_config["model"]  # as first typed: a resumed run's records match
@@ -381,6 +408,7 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                 scheduler=cfg.scheduler,
                 pamr=cfg.pamr,
                 item_ids=np.asarray(batch.indices),
+                mesh=mesh,
             )
             ids = tokenize(sd.tokenizer, prompts)
             for j, (index, valid) in enumerate(zip(batch.indices, batch.valid)):

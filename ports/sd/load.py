@@ -220,12 +220,12 @@ def load(
     from transformers import CLIPTokenizer
 
     unet = FlaxUNet2DConditionModel.from_config(
-        _known(FlaxUNet2DConditionModel, unet_config), dtype=dtype
+        flax_fields(FlaxUNet2DConditionModel, unet_config), dtype=dtype
     )
     unet_shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     unet_params = _convert_diffusers(_read_weights(folder / "unet"), unet_shapes, "unet")
 
-    vae = FlaxAutoencoderKL.from_config(_known(FlaxAutoencoderKL, vae_config), dtype=dtype)
+    vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, vae_config), dtype=dtype)
     vae_shapes = jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
     vae_params = _convert_diffusers(_read_weights(folder / "vae"), vae_shapes, "vae")
 
@@ -455,7 +455,7 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
     return unet, vae, text_config
 
 
-def _known(cls, config: Mapping) -> dict:
+def flax_fields(cls, config: Mapping) -> dict:
     """The config entries the Flax class has fields for (diffusers would log the rest as unexpected),
     JSON lists as tuples so that the module stays hashable (a static argument to ``jax.jit``)."""
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}

@@ -239,6 +239,7 @@ class Sampler:
         scheduler: str = "ddim",
         size: int | None = None,
         spec: CaptureSpec | tuple[CaptureSpec, ...] = NOTHING,
+        mesh=None,
     ) -> Samples:
         """Sample ``b`` images and their attention maps.
 
@@ -254,6 +255,8 @@ class Sampler:
             ``vae_scale_factor * 2 ** (down blocks - 1)``.
           spec: what to capture (static); a tuple of specs captures for each in the same run
             (``Samples.maps`` is then a tuple of ``AttentionMaps``, one per spec).
+          mesh: a ``ports.scale.mesh.data_mesh`` to split the batch over its "data" axis (data
+            parallel; default: the one this sampler was built with, if any).
 
         Returns:
           ``Samples``.
@@ -281,10 +284,11 @@ class Sampler:
         sd = self.sd
         params = {"unet": sd.unet_params, "vae": sd.vae_params, "text": sd.text_params}
         batch = (ids, negative_ids, item_ids)
-        if self.mesh is not None:  # data parallel: inputs split on "data", the jit follows them
+        mesh = self.mesh if mesh is None else mesh
+        if mesh is not None:  # data parallel: inputs split on "data", the jit follows them
             from ports.scale.mesh import shard_batch
 
-            batch = shard_batch(batch, self.mesh)
+            batch = shard_batch(batch, mesh)
         return self._run(
             params,
             *batch,

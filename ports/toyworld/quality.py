@@ -35,7 +35,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmask
-from jaxmask.maps import CaptureSpec
-from jaxmask.masks import check_maps
 from jaxmask.refine import PAMR_DEFAULT
 from ports import toyworld
-from ports.api import extract_batch
+from ports.generate import Filters, filter_reason
+from ports.progress import Bars, Clock
 from ports.toyworld import scenes, segmenter
 
 DEFAULT_MODEL = toyworld.MODEL
@@ -57,6 +56,7 @@ NUM_CLASSES = len(scenes.CLASSES) + 1
 
 _STREAM_ORACLE, _STREAM_EVAL, _STREAM_PROMPTS = 0, 1, 2
 _SEGMENTER_KEY = 1_000_000  # fold_in index of the segmenters' key (item ids stay below it)
+
 
 def auto_oracle_steps(per_class: int) -> int:
     """Segmenter steps when none are given: ``50 * per_class`` clipped to [400, 3000].
@@ -178,27 +178,6 @@ def train_oracle(
     return params, losses, False
 
 
-def capture_groups(configs: Mapping[str, Any], resolutions) -> list[tuple[CaptureSpec, list[str]]]:
-    """Methods grouped by mergeable capture (``CaptureSpec.union``): one spec per group.
-
-    SeeDiff-code's first-up-layer self-attention and SeeDiff-paper's per-step max normalisation
-    cannot share a spec with the others; the sampler captures all groups' specs in one run (a
-    tuple of specs), so every method reads the same images.
-    """
-    groups: list[tuple[CaptureSpec, list[str]]] = []
-    for name, cfg in configs.items():
-        spec = cfg.capture_spec(resolutions)
-        for g, (merged, names) in enumerate(groups):
-            try:
-                groups[g] = (merged.union(spec), [*names, name])
-                break
-            except ValueError:
-                continue
-        else:
-            groups.append((spec, [name]))
-    return groups
-
-
 def to_world_labels(label_maps: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """jaxmask's one-class label maps (0, 1, 255) to world ids (0, ``class + 1``, 255)."""
     cls = (np.asarray(classes, np.uint8) + 1)[:, None, None]
@@ -209,6 +188,232 @@ def named_only(pred: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """The oracle's 9-class prediction reduced to {0, the named class}: other classes become 0."""
     cls = (np.asarray(classes, np.uint8) + 1)[:, None, None]
     return np.where(pred == cls, cls, 0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle:
+    """Stage (a)'s result: the oracle and the held-out real scenes it was scored on."""
+
+    params: Any
+    scores: dict  # segmenter.scores on the held-out scenes
+    cached: bool  # loaded from the cache, not trained
+    losses: np.ndarray | None  # training losses (None when cached)
+    eval_images: np.ndarray  # (n, h, w, 3) uint8, stream 1
+    eval_labels: np.ndarray  # (n, h, w) uint8
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """Stage (b)'s images and every (method, PAMR) pair's label maps (prompt order, 0/1/255)."""
+
+    images: np.ndarray  # (n, h, w, 3) uint8
+    class_ids: np.ndarray  # (n,) world class of each image's prompt
+    label_maps: dict  # (method, pamr) -> (n, h, w) uint8
+    confidence: dict  # (method, pamr) -> (n,) jaxmask.mask_confidence of the named class
+    groups: list  # method names per capture spec the sampler captured
+    specs: tuple  # those capture specs
+    batch: int
+    batch_seconds: list
+
+
+def oracle_stage(
+    *,
+    seed: int,
+    steps: int,
+    batch: int,
+    oracle_scenes: int,
+    eval_scenes: int,
+    size: int,
+    segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+    cache: str | os.PathLike | None = None,
+    bars: Bars | None = None,
+    clock: Clock | None = None,
+) -> Oracle:
+    """Stage (a): train (or load) the oracle on real scenes, score it on held-out ones."""
+    bars, clock = bars or Bars(False), clock or Clock()
+    with clock("real scenes"):
+        eval_images, eval_labels = real_scenes(eval_scenes, _STREAM_EVAL, seed, size)
+    with clock("oracle train"):
+        params, losses, cached = train_oracle(
+            seed=seed, steps=steps, batch=batch, scenes_=oracle_scenes, size=size,
+            segmenter_cfg=segmenter_cfg, cache=cache,
+            make_bar=lambda: bars.callback("oracle: train on real scenes", steps),
+        )  # fmt: skip
+    with clock("evaluate"):
+        pred = segmenter.predict(params, eval_images, cfg=segmenter_cfg)
+        scores = segmenter.scores(segmenter.confusion(eval_labels, pred))
+    return Oracle(params, scores, cached, losses, eval_images, eval_labels)
+
+
+def generate_stage(
+    pipe,
+    items: Sequence[tuple[str, int]],
+    configs: Mapping[str, Any],
+    pamr: Sequence[bool],
+    *,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    scheduler: str = "ddim",
+    gen_batch: int = 16,
+    capture: Mapping[str, Any] | None = None,
+    on_batch: Callable[[int, list], None] | None = None,
+) -> Generated:
+    """Stage (b): draw every prompt's image (item ``i`` from ``fold_in(key(seed), i)``) and label
+    it with every method, with and without PAMR, in one ``Pipeline.batch`` per batch (the last
+    one padded with further prompts). ``on_batch(done, batch_seconds)`` after each batch."""
+    n = len(items)
+    b = min(gen_batch, n)
+    padded = -(-n // b) * b
+    all_items = list(items) + prompts(padded // len(scenes.CLASSES) + 1, seed)[n:padded]
+    size = pipe.native_size
+    images = np.empty((padded, size, size, 3), np.uint8)
+    names = list(configs)
+    label_maps = {(m, p): np.empty((padded, size, size), np.uint8) for m in names for p in pamr}
+    confidence = {(m, p): np.empty(padded, np.float32) for m in names for p in pamr}
+    key = jax.random.key(seed)
+    batch_seconds, specs, groups = [], (), []
+    for start in range(0, padded, b):
+        began = time.perf_counter()
+        chunk = all_items[start : start + b]
+        step = pipe.batch(
+            [t for t, _ in chunk],
+            key,
+            classes=[[scenes.CLASSES[c]] for _, c in chunk],
+            methods=[configs[m] for m in names],
+            pamr=[PAMR_DEFAULT if p else None for p in pamr],
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            scheduler=scheduler,
+            item_ids=np.arange(start, start + b, dtype=np.int32),
+            capture=capture,
+        )
+        images[start : start + b] = step.images
+        for name, per_pamr in zip(names, step.masks, strict=True):
+            for p, (soft, labels) in zip(pamr, per_pamr, strict=True):
+                label_maps[(name, p)][start : start + b] = labels
+                confidence[(name, p)][start : start + b] = np.asarray(
+                    _batch_confidence(soft, labels)
+                )[:, 0]
+        specs = step.specs
+        groups = [[m for m, g in zip(names, step.groups) if g == i] for i in range(len(specs))]
+        batch_seconds.append(time.perf_counter() - began)
+        if on_batch is not None:
+            on_batch(start + b, batch_seconds)
+    class_ids = np.array([c for _, c in all_items[:n]], np.int64)
+    return Generated(
+        images=images[:n],
+        class_ids=class_ids,
+        label_maps={k: v[:n] for k, v in label_maps.items()},
+        confidence={k: v[:n] for k, v in confidence.items()},
+        groups=groups,
+        specs=specs,
+        batch=b,
+        batch_seconds=batch_seconds,
+    )
+
+
+#: ``jaxmask.mask_confidence`` over a batch: ``(b, k, h, w)`` soft masks, ``(b, h, w)`` labels.
+_batch_confidence = jax.jit(jax.vmap(jaxmask.mask_confidence))
+
+
+def kept(generated: Generated, key: tuple[str, bool], filters: Filters | None) -> np.ndarray:
+    """Which images the quality filters of ``jaxmask generate`` (``ports.generate.Filters``)
+    would keep for one (method, PAMR): the same rule on the same statistics."""
+    maps = generated.label_maps[key]
+    if filters is None:
+        return np.ones(len(maps), bool)
+    fraction = (maps == 1).reshape(len(maps), -1).mean(1)
+    return np.array(
+        [
+            filter_reason({"fraction": {"1": f}, "confidence": {"1": c}}, {"1": "class"}, filters)
+            is None
+            for f, c in zip(fraction, generated.confidence[key])
+        ]
+    )
+
+
+def score_stage(
+    oracle: Oracle,
+    generated: Generated,
+    segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+    min_pixels: int = 32,
+    filters: Filters | None = None,
+) -> tuple[list[dict], np.ndarray]:
+    """Stage (b), scored: each (method, PAMR)'s mIoU against the oracle's labels of the same
+    images (all images, and those where the named object is present); returns ``(rows,
+    present)``, ``present`` the images where the oracle finds ``min_pixels`` of the class.
+    With ``filters``, each row also scores the images the filters keep (``kept``: their share)."""
+    class_ids = generated.class_ids
+    oracle_gen = segmenter.predict(oracle.params, generated.images, cfg=segmenter_cfg)
+    reference = named_only(oracle_gen, class_ids)
+    present = (reference > 0).reshape(len(class_ids), -1).sum(1) >= min_pixels
+    rows = []
+    for (name, p), maps in generated.label_maps.items():
+        world = to_world_labels(maps, class_ids)
+        scored = np.where(world == 255, 0, world).astype(np.uint8)
+        all_scores = segmenter.scores(segmenter.confusion(reference, scored))
+        present_scores = (
+            segmenter.scores(segmenter.confusion(reference[present], scored[present]))
+            if present.any()
+            else None
+        )
+        row = {
+            "method": name,
+            "pamr": p,
+            "miou": all_scores["miou"],
+            "iou": all_scores["iou"],
+            "miou_present": present_scores["miou"] if present_scores else None,
+            "ignored": float(np.mean(world == 255)),
+            "foreground": float(np.mean((world != 0) & (world != 255))),
+        }
+        if filters is not None:
+            keep = kept(generated, (name, p), filters)
+            row["kept"] = float(keep.mean())
+            row["miou_kept"] = (
+                segmenter.scores(segmenter.confusion(reference[keep], scored[keep]))["miou"]
+                if keep.any()
+                else None
+            )
+        rows.append(row)
+    return rows, present
+
+
+def synthetic_stage(
+    oracle: Oracle,
+    generated: Generated,
+    synthetic: tuple[str, bool],
+    *,
+    steps: int,
+    batch: int,
+    seed: int = 0,
+    segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
+    bars: Bars | None = None,
+    clock: Clock | None = None,
+    filters: Filters | None = None,
+) -> dict:
+    """Stage (c): the segmenter trained only on one method's pairs (those ``filters`` keep),
+    scored on the real scenes the oracle was scored on. Returns its scores, pairs, final loss."""
+    bars, clock = bars or Bars(False), clock or Clock()
+    key = (synthetic[0], bool(synthetic[1]))
+    keep = kept(generated, key, filters)
+    if not keep.any():
+        raise ValueError(f"the quality filters keep none of {synthetic[0]}'s pairs: loosen them")
+    labels = to_world_labels(generated.label_maps[key], generated.class_ids)[keep]
+    with clock("synthetic train"):
+        params, losses = segmenter.train(
+            (generated.images[keep], labels),
+            steps,
+            batch,
+            jax.random.fold_in(jax.random.key(seed), _SEGMENTER_KEY),
+            cfg=segmenter_cfg,
+            progress=bars.callback(f"segmenter: train on {synthetic[0]} pairs", steps),
+        )
+    with clock("evaluate"):
+        pred = segmenter.predict(params, oracle.eval_images, cfg=segmenter_cfg)
+        scores = segmenter.scores(segmenter.confusion(oracle.eval_labels, pred))
+    return {**scores, "pairs": int(keep.sum()), "final_loss": float(losses[-10:].mean())}
 
 
 def measure(
@@ -234,8 +439,12 @@ def measure(
     segmenter_cfg: segmenter.SegmenterConfig = segmenter.DEFAULT,
     window: tuple[float, float] | None = None,
     every: int | None = None,
+    filters: Filters | None = None,
 ) -> dict:
     """Measure the masks of ``model`` on the toy world (see the module docstring); a JSON-able dict.
+
+    The stages ``oracle_stage``, ``generate_stage``, ``score_stage`` and ``synthetic_stage`` (each
+    callable alone), then the presence summary.
 
     Args:
       model: a diffusers-format folder (default: the bundled toy model) or a loaded
@@ -260,6 +469,8 @@ def measure(
         is there, else trained and saved into it.
       window, every: replace every method's ``CaptureSpec.step_window`` (fractions of the steps)
         and ``every`` (keep every k-th step): what capturing fewer steps costs in mask quality.
+      filters: ``jaxmask generate``'s quality filters (``ports.generate.Filters``): every row
+        also scores the pairs they keep, and the synthetic-data segmenter trains on those.
 
     Returns:
       A dict with ``config``, ``model``, ``device``, ``oracle``, ``rows`` (one per method x pamr),
@@ -291,9 +502,12 @@ def measure(
             f"{list(methods)} and pamr choices {list(pamr)}"
         )
     steps_seg = auto_oracle_steps(per_class) if oracle_steps is None else int(oracle_steps)
+    capture = {"step_window": None if window is None else tuple(map(float, window))}
+    capture["every"] = every
+    capture = {k: v for k, v in capture.items() if v is not None}
 
-    clock = _Clock()
-    bars = _Bars(progress)
+    clock = Clock()
+    bars = Bars(progress)
     with bars:
         with clock("load"):
             if isinstance(model, ports.api.Pipeline):
@@ -307,137 +521,41 @@ def measure(
                     )
                 pipe = ports.api.load(model)
         size = pipe.native_size
-        resolutions = pipe.resolutions(size)
-        groups = capture_groups(configs, resolutions)  # raises for an unservable method
-        changes = {"step_window": None if window is None else tuple(map(float, window))}
-        changes["every"] = every
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if changes:
-            groups = [(dataclasses.replace(spec, **changes), names) for spec, names in groups]
+        layout = pipe.layout(size)
+        for cfg in configs.values():  # raises, before any work, for an unservable method
+            cfg.capture_spec(layout)
         items = prompts(per_class, seed)
-        key = jax.random.key(seed)
-        seg_key = jax.random.fold_in(key, _SEGMENTER_KEY)
 
-        # (a) the oracle, on real scenes
-        with clock("real scenes"):
-            eval_images, eval_labels = real_scenes(eval_scenes, _STREAM_EVAL, seed, size)
-        with clock("oracle train"):
-            oracle_params, oracle_losses, oracle_cached = train_oracle(
-                seed=seed, steps=steps_seg, batch=batch, scenes_=oracle_scenes, size=size,
-                segmenter_cfg=segmenter_cfg, cache=oracle_cache, key=seg_key,
-                make_bar=lambda: bars.callback("oracle: train on real scenes", steps_seg),
+        oracle = oracle_stage(
+            seed=seed, steps=steps_seg, batch=batch, oracle_scenes=oracle_scenes,
+            eval_scenes=eval_scenes, size=size, segmenter_cfg=segmenter_cfg, cache=oracle_cache,
+            bars=bars, clock=clock,
+        )  # fmt: skip
+        with clock("vae"):
+            vae = vae_fidelity(pipe.sd, oracle.eval_images, oracle.params, segmenter_cfg)
+
+        b = min(gen_batch, len(items))
+        batches = -(-len(items) // b)
+        gen_task = bars.callback("generate + masks", batches * b)
+
+        def on_batch(done, batch_seconds):
+            gen_task(done, None)
+            if len(batch_seconds) == 2:  # two batches timed (the first one compiles)
+                _print_estimate(bars, clock, batch_seconds, batches, steps_seg)
+
+        with clock("generate + masks"):
+            generated = generate_stage(
+                pipe, items, configs, pamr, seed=seed, steps=steps, guidance=guidance,
+                scheduler=scheduler, gen_batch=gen_batch, capture=capture, on_batch=on_batch,
             )  # fmt: skip
         with clock("evaluate"):
-            real_pred = segmenter.predict(oracle_params, eval_images, cfg=segmenter_cfg)
-            oracle_scores = segmenter.scores(segmenter.confusion(eval_labels, real_pred))
-        with clock("vae"):
-            vae = vae_fidelity(pipe.sd, eval_images, oracle_params, segmenter_cfg)
+            rows, present = score_stage(oracle, generated, segmenter_cfg, min_pixels, filters)
+        syn_scores = synthetic_stage(
+            oracle, generated, synthetic, steps=steps_seg, batch=batch, seed=seed,
+            segmenter_cfg=segmenter_cfg, bars=bars, clock=clock, filters=filters,
+        )  # fmt: skip
 
-        # (b) generate, extract every method's masks, score them against the oracle
-        n = len(items)
-        b = min(gen_batch, n)
-        padded = -(-n // b) * b
-        all_items = items + prompts(padded // len(scenes.CLASSES) + 1, seed)[n:padded]
-        class_ids = np.array([c for _, c in all_items[:padded]], np.int64)
-        images = np.empty((padded, size, size, 3), np.uint8)
-        combos = [(m, p) for m in methods for p in pamr]
-        label_maps = {c: np.empty((padded, size, size), np.uint8) for c in combos}
-        from ports.sd.sample import to_uint8
-        from ports.sd.tokenizer import class_ids as token_ids_of
-        from ports.sd.tokenizer import tokenize
-
-        tokenizer = pipe.sd.tokenizer
-        negative = tokenize(tokenizer, [""] * b)
-        batch_seconds = []
-        gen_task = bars.callback("generate + masks", padded)
-        for start in range(0, padded, b):
-            batch_start = time.perf_counter()
-            chunk = all_items[start : start + b]
-            texts = [t for t, _ in chunk]
-            ids = tokenize(tokenizer, texts)
-            weights = np.stack(
-                [
-                    jaxmask.class_token_weights(
-                        ids[i], [token_ids_of(tokenizer, scenes.CLASSES[c])], [scenes.CLASSES[c]]
-                    )
-                    for i, (_, c) in enumerate(chunk)
-                ]
-            )
-            item_ids = np.arange(start, start + b, dtype=np.int32)
-            with clock("generate"):  # one sampling run captures for every group
-                samples = pipe.sampler(
-                    ids,
-                    negative,
-                    key,
-                    item_ids=item_ids,
-                    steps=steps,
-                    guidance=guidance,
-                    scheduler=scheduler,
-                    size=size,
-                    spec=tuple(spec for spec, _ in groups),
-                )
-                images[start : start + b] = to_uint8(samples.images)
-            with clock("masks"):
-                for maps, (_, names) in zip(samples.maps, groups, strict=True):
-                    check_maps(maps)
-                    for name in names:
-                        for p in pamr:
-                            _, labels = extract_batch(
-                                maps,
-                                jnp.asarray(weights),
-                                samples.images,
-                                configs[name],
-                                PAMR_DEFAULT if p else None,
-                            )
-                            label_maps[(name, p)][start : start + b] = np.asarray(labels)
-            gen_task(start + b, None)
-            batch_seconds.append(time.perf_counter() - batch_start)
-            if len(batch_seconds) == 2:  # two batches timed (the first one compiles)
-                _print_estimate(bars, clock, batch_seconds, padded // b, steps_seg)
-        images, class_ids = images[:n], class_ids[:n]
-        label_maps = {c: v[:n] for c, v in label_maps.items()}
-
-        with clock("evaluate"):
-            oracle_gen = segmenter.predict(oracle_params, images, cfg=segmenter_cfg)
-            reference = named_only(oracle_gen, class_ids)
-            named_pixels = (reference > 0).reshape(n, -1).sum(1)
-            present = named_pixels >= min_pixels
-            rows = []
-            for name, p in combos:
-                world = to_world_labels(label_maps[(name, p)], class_ids)
-                scored = np.where(world == 255, 0, world).astype(np.uint8)
-                all_scores = segmenter.scores(segmenter.confusion(reference, scored))
-                present_scores = (
-                    segmenter.scores(segmenter.confusion(reference[present], scored[present]))
-                    if present.any()
-                    else None
-                )
-                rows.append(
-                    {
-                        "method": name,
-                        "pamr": p,
-                        "miou": all_scores["miou"],
-                        "iou": all_scores["iou"],
-                        "miou_present": present_scores["miou"] if present_scores else None,
-                        "ignored": float(np.mean(world == 255)),
-                        "foreground": float(np.mean((world != 0) & (world != 255))),
-                    }
-                )
-
-        # (c) train on synthetic pairs, test on real scenes
-        syn_labels = to_world_labels(label_maps[(synthetic[0], bool(synthetic[1]))], class_ids)
-        with clock("synthetic train"):
-            syn_params, syn_losses = segmenter.train(
-                (images, syn_labels),
-                steps_seg,
-                batch,
-                seg_key,
-                cfg=segmenter_cfg,
-                progress=bars.callback(f"segmenter: train on {synthetic[0]} pairs", steps_seg),
-            )
-        with clock("evaluate"):
-            syn_pred = segmenter.predict(syn_params, eval_images, cfg=segmenter_cfg)
-            syn_scores = segmenter.scores(segmenter.confusion(eval_labels, syn_pred))
+    n, class_ids = len(items), generated.class_ids
 
     def by_class(mask):
         return [float(present[mask & (class_ids == c)].mean()) for c in range(len(scenes.CLASSES))]
@@ -449,6 +567,7 @@ def measure(
         for style, mask in (("colour words", coloured), ("no colour words", ~coloured))
         if mask.any()
     }
+    spec = generated.specs[0]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_description(),
@@ -461,27 +580,28 @@ def measure(
             "pamr": list(pamr),
             "seed": seed,
             "size": size,
-            "resolutions": list(resolutions),
-            "capture_specs": [names for _, names in groups],
-            "step_window": list(groups[0][0].step_window),
-            "every": groups[0][0].every,
+            "resolutions": list(layout.sides),
+            "capture_specs": generated.groups,
+            "step_window": list(spec.step_window),
+            "every": spec.every,
             "steps": steps,
             "guidance": guidance,
             "scheduler": scheduler,
             "segmenter_steps": steps_seg,
             "segmenter_batch": batch,
             "segmenter": dataclasses.asdict(segmenter_cfg),
-            "segmenter_params": int(sum(x.size for x in jax.tree_util.tree_leaves(oracle_params))),
+            "segmenter_params": int(sum(x.size for x in jax.tree_util.tree_leaves(oracle.params))),
             "oracle_scenes": oracle_scenes,
             "eval_scenes": eval_scenes,
             "min_pixels": min_pixels,
             "synthetic": [synthetic[0], bool(synthetic[1])],
+            "filters": None if filters is None else dataclasses.asdict(filters),
         },
         "classes": ["background", *scenes.CLASSES],
         "oracle": {
-            **oracle_scores,
-            "cached": oracle_cached,
-            "final_loss": None if oracle_cached else float(oracle_losses[-10:].mean()),
+            **oracle.scores,
+            "cached": oracle.cached,
+            "final_loss": None if oracle.cached else float(oracle.losses[-10:].mean()),
         },
         "present": float(present.mean()),
         "present_per_class": by_class(everything),
@@ -491,11 +611,11 @@ def measure(
         "synthetic": {
             "method": synthetic[0],
             "pamr": bool(synthetic[1]),
-            "pairs": n,
-            "real": {"pairs": oracle_scenes, **oracle_scores},
-            "jaxmask": {"pairs": n, **syn_scores, "final_loss": float(syn_losses[-10:].mean())},
+            "pairs": syn_scores["pairs"],
+            "real": {"pairs": oracle_scenes, **oracle.scores},
+            "jaxmask": syn_scores,
         },
-        "generation": {"batch": b, "batch_seconds": batch_seconds},
+        "generation": {"batch": generated.batch, "batch_seconds": generated.batch_seconds},
         "timings": clock.totals(),
     }
 
@@ -534,6 +654,7 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
     classes = result["classes"]
     t = result["timings"]
     total = t.get("total", sum(t.values()))
+    filtered = {k: v for k, v in (c.get("filters") or {}).items() if v is not None}
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
@@ -591,14 +712,18 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
         *_vae_lines(result.get("vae"), c["eval_scenes"]),
         "## b. Masks vs the oracle on generated images",
         "",
-        "| method | PAMR | mIoU | mIoU, object present | ignored px % | foreground px % |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | PAMR | mIoU | mIoU, object present | ignored px % | foreground px % |"
+        + (" kept by the filters % | mIoU, kept |" if filtered else ""),
+        "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if filtered else ""),
     ]
     for row in result["rows"]:
         lines.append(
             f"| {row['method']} | {'yes' if row['pamr'] else 'no'} | {pct(row['miou'])} | "
             f"{pct(row['miou_present'])} | {pct(row['ignored'])} | {pct(row['foreground'])} |"
+            + (f" {pct(row['kept'])} | {pct(row['miou_kept'])} |" if filtered else "")
         )
+    if filtered:
+        lines += ["", f"Quality filters (as `jaxmask generate`'s): `{json.dumps(filtered)}`."]
     lines += [
         "",
         (
@@ -675,80 +800,7 @@ def _vae_lines(vae: Mapping | None, scenes_: int) -> list[str]:
 # ------------------------------------------------------------------------------------ helpers
 
 
-class _Clock:
-    """Wall-clock seconds per named phase (a phase can be entered many times)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Phase()
-
-    def totals(self) -> dict[str, float]:
-        return {**self.seconds, "total": time.perf_counter() - self.start}
-
-
-class _Bars:
-    """rich progress bars (one task per phase), or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description:<40}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[note]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-            )
-
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def print(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text)
-
-    def callback(self, description: str, total: int):
-        """``f(done, loss_or_None)``: moves the bar to ``done``."""
-        if self.progress is None:
-            return lambda done, value: None
-        task = self.progress.add_task(description, total=total, note="")
-
-        def update(done, value):
-            note = "" if value is None else f"loss {value:.3f}"
-            self.progress.update(task, completed=done, note=note)
-
-        return update
-
-
-def _print_estimate(bars: _Bars, clock: _Clock, batch_seconds, batches: int, train_steps) -> None:
+def _print_estimate(bars: Bars, clock: Clock, batch_seconds, batches: int, train_steps) -> None:
     """After two timed generation batches (the first one compiles): the rest of the run."""
     rest_gen = batch_seconds[-1] * (batches - len(batch_seconds))
     train = clock.seconds.get("oracle train", 0.0)

@@ -35,7 +35,7 @@ import optax
 
 from jaxmask.labels import IGNORE
 from jaxmask.metrics import confusion_matrix, iou, mean_iou
-from ports.toyworld.progress import reporter
+from ports.progress import reporter
 
 NUM_CLASSES = 9  # background + scenes.CLASSES
 

@@ -63,14 +63,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ports.scale.mesh import DATA_AXIS, data_mesh
-from ports.sd.load import _known as flax_fields
+from ports.sd.load import flax_fields
+from ports.sd.schedulers import SD_DDIM_CONFIG
 from ports.toyworld import checkpoint, export, scenes
-from ports.toyworld.progress import reporter
+from ports.progress import reporter
 from ports.toyworld.vocab import write_clip_tokenizer
 
 SIZE = 64  # image side
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012  # Stable Diffusion's scaled_linear schedule
+NUM_TRAIN_TIMESTEPS = SD_DDIM_CONFIG["num_train_timesteps"]
+BETA_START, BETA_END = SD_DDIM_CONFIG["beta_start"], SD_DDIM_CONFIG["beta_end"]  # scaled_linear
 WORDS = (
     *scenes.CLASSES,
     *scenes.COLOURS,
@@ -250,14 +251,7 @@ def text_config(cfg: TrainConfig, vocab_size: int) -> dict:
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "_diffusers_version": export.DIFFUSERS_VERSION,
-    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
-    "beta_start": BETA_START,
-    "beta_end": BETA_END,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
+    **SD_DDIM_CONFIG,
 }
 
 

@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
     from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
-    from ports.sd.load import _known
+    from ports.sd.load import flax_fields
 
     words = train.WORDS
     folder = tmp_path_factory.mktemp("export") / "toy"
@@ -37,8 +37,8 @@ def exported(tmp_path_factory):
         train.vae_config(CFG, 0.7),
         train.text_config(CFG, vocab),
     )
-    unet = FlaxUNet2DConditionModel.from_config(_known(FlaxUNet2DConditionModel, u_cfg))
-    vae = FlaxAutoencoderKL.from_config(_known(FlaxAutoencoderKL, v_cfg))
+    unet = FlaxUNet2DConditionModel.from_config(flax_fields(FlaxUNet2DConditionModel, u_cfg))
+    vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, v_cfg))
     text = CLIPTextEncoder(CLIPTextConfig.from_dict(t_cfg))
     params = {
         "unet": _random_like(jax.eval_shape(unet.init_weights, jax.random.key(0)), 1),

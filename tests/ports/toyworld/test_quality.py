@@ -3,6 +3,8 @@ there; the table must be complete, in range, and the same for the same seed)."""
 
 import json
 
+import jax
+
 import numpy as np
 import pytest
 
@@ -72,7 +74,7 @@ def test_markdown_holds_every_row(result):
         line = f"| {row['method']} | {'yes' if row['pamr'] else 'no'} | {100 * row['miou']:.1f} |"
         assert line in page
     assert "## c. Train on synthetic, test on real" in page
-    assert quality.estimate_seconds(result, 200) > result["timings"]["generate"]
+    assert quality.estimate_seconds(result, 200) > result["timings"]["generate + masks"]
 
 
 def test_same_seed_same_numbers(pipe, result):
@@ -97,12 +99,30 @@ def test_oracle_cache_is_reused(pipe, result, tmp_path):
 
 
 def test_capture_window_and_stride_reach_the_sampler(pipe, result):
+    import jaxmask
+
     shrunk = {**SHRUNK, "methods": ("ca",), "pamr": (False,)}
     windowed = quality.measure(
         pipe, seed=0, **shrunk, synthetic=("ca", False), window=(0.0, 0.5), every=2
     )
     assert windowed["config"]["step_window"] == [0.0, 0.5] and windowed["config"]["every"] == 2
     assert result["config"]["step_window"] == [0.0, 1.0] and result["config"]["every"] == 1
+    # the stage samples with the window, and the masks come from fewer steps' maps
+    items = quality.prompts(1, seed=0)
+    ca = jaxmask.methods.get("ca")
+    first = quality.generate_stage(
+        pipe, items, {"ca": ca}, (False,), steps=2, gen_batch=8, capture={"step_window": (0, 0.5)}
+    )
+    assert first.specs[0].steps_mask(2) == (True, False)
+    texts, classes = [t for t, _ in items], [[scenes.CLASSES[c]] for _, c in items]
+    key = jax.random.key(0)
+    soft = [
+        pipe.batch(texts, key, classes=classes, methods=[ca], steps=2, capture=capture).masks[0][0][
+            0
+        ]
+        for capture in ({"step_window": (0, 0.5)}, None)
+    ]
+    assert np.abs(soft[0] - soft[1]).max() > 1e-3
     with pytest.raises(ValueError, match="step_window"):
         quality.measure(pipe, **shrunk, synthetic=("ca", False), window=(0.5, 0.2))
 
@@ -114,9 +134,13 @@ def test_bad_input_says_what_to_do(pipe):
         quality.measure(pipe, **{**SHRUNK, "methods": ("nope",), "method_overrides": None})
     with pytest.raises(ValueError, match="synthetic"):
         quality.measure(pipe, **{**SHRUNK, "methods": ("ca",), "method_overrides": None})
-    if not quality.DEFAULT_MODEL.exists():
-        with pytest.raises(ValueError, match="train-toy"):
-            quality.measure(quality.DEFAULT_MODEL, **SHRUNK)
+
+
+def test_a_missing_bundled_model_says_how_to_train_one(monkeypatch, tmp_path):
+    missing = tmp_path / "model"
+    monkeypatch.setattr(quality, "DEFAULT_MODEL", missing)
+    with pytest.raises(ValueError, match="train-toy"):
+        quality.measure(missing, **SHRUNK)
 
 
 def test_prompts_follow_the_caption_grammar():
@@ -141,13 +165,15 @@ def test_label_mappings_known_values():
     )
 
 
-def test_capture_groups_on_the_toy_sides():
+def test_methods_share_captures_on_the_toy_sides():
     import jaxmask
+    from jaxmask.maps import merge_specs
 
-    configs = {name: jaxmask.methods.get(name) for name in quality.METHODS}
-    groups = quality.capture_groups(configs, (32, 16, 8))
-    assert [names for _, names in groups] == [["ca", "ca_sa"], ["seediff-paper"], ["seediff-code"]]
-    assert groups[0][0].cross == (8, 16, 32) and groups[0][0].self_attn == (16,)
+    specs = [jaxmask.methods.get(name).capture_spec((32, 16, 8)) for name in quality.METHODS]
+    merged, where = merge_specs(specs)
+    assert where == (0, 0, 1, 2)  # ca + ca_sa; seediff-paper (per-step max); seediff-code
+    assert merged[0].cross == (8, 16, 32) and merged[0].self_attn == (16,)
+    assert merged[1:] == tuple(specs[2:])
 
 
 def test_cli_writes_the_page(monkeypatch, tmp_path, result):
@@ -218,3 +244,41 @@ def test_vae_fidelity_known_answers(frame):
     assert out["mae"] == pytest.approx(frame * ring_share, abs=0.51)
     if frame == 0:
         assert out["oracle_agreement"] == 1.0  # the same images: the same labels
+
+
+def test_filters_keep_what_generate_would_keep():
+    from ports.generate import Filters
+
+    maps = np.zeros((3, 10, 10), np.uint8)
+    maps[0, :5] = 1  # half the image
+    maps[1, :1, :2] = 1  # 2 %
+    maps[2] = 1  # all of it
+    generated = quality.Generated(
+        images=np.zeros((3, 10, 10, 3), np.uint8),
+        class_ids=np.array([0, 1, 2]),
+        label_maps={("ca", False): maps},
+        confidence={("ca", False): np.array([0.9, 0.95, 0.4], np.float32)},
+        groups=[["ca"]],
+        specs=(),
+        batch=3,
+        batch_seconds=[],
+    )
+    key = ("ca", False)
+    assert quality.kept(generated, key, None).tolist() == [True, True, True]
+    assert quality.kept(generated, key, Filters(min_area=0.05)).tolist() == [True, False, True]
+    assert quality.kept(generated, key, Filters(max_area=0.9)).tolist() == [True, True, False]
+    assert quality.kept(generated, key, Filters(min_confidence=0.5)).tolist() == [True, True, False]
+
+
+def test_filtered_measure_scores_the_kept_pairs(pipe, result):
+    from ports.generate import Filters
+
+    shrunk = {**SHRUNK, "methods": ("ca",), "pamr": (False,), "synthetic": ("ca", False)}
+    everything = quality.measure(pipe, seed=0, **shrunk, filters=Filters(min_area=0.0))
+    row = everything["rows"][0]
+    assert row["kept"] == 1.0 and row["miou_kept"] == row["miou"] == result["rows"][0]["miou"]
+    assert everything["synthetic"]["jaxmask"]["pairs"] == everything["config"]["images"]
+    page = quality.render_markdown(everything)
+    assert "kept by the filters" in page and '{"min_area": 0.0}' in page
+    with pytest.raises(ValueError, match="keep none"):
+        quality.measure(pipe, seed=0, **shrunk, filters=Filters(min_area=0.5, max_area=0.500001))
