@@ -191,8 +191,8 @@ class AttentionMaps:
         many heads each side has; ``None`` when unknown (``Layout(resolutions)``).
     """
 
-    cross: dict[int, Float[Array, "l r r t"]]
-    self_attn: dict[int, Float[Array, "n n"]]
+    cross: dict[int, Float[Array, "*b l r r t"]]  # *b: stacked (vmapped) maps
+    self_attn: dict[int, Float[Array, "*b n n"]]
     self_layers: str = flax.struct.field(pytree_node=False, default="mean")
     resolutions: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     layout: Layout | None = flax.struct.field(pytree_node=False, default=None)

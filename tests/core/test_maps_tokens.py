@@ -163,7 +163,7 @@ def test_capture_spec_union():
         a.union(M.CaptureSpec(self_attn=(16,), self_layers="first_up"))
 
 
-@pytest.mark.unchecked("stacks AttentionMaps; maps.py annotates the shapes of one item")
+@pytest.mark.unchecked("checks validate's own message for a non-square self map")
 def test_attention_maps_is_a_pytree_and_validates():
     maps = M.AttentionMaps(cross={4: jnp.zeros((2, 4, 4, 7))}, self_attn={4: jnp.zeros((16, 16))})
     leaves = jax.tree_util.tree_leaves(maps)

@@ -248,7 +248,6 @@ def test_seediff_reads_the_head_count_from_the_layout():
 # --- transformations: jit, vmap, recompiles ------------------------------------------------
 
 
-@pytest.mark.unchecked("stacks AttentionMaps; maps.py annotates the shapes of one item")
 @pytest.mark.parametrize("name", sorted(methods.PRESETS))
 def test_jit_equals_eager_and_vmap_equals_loop(name):
     cfg = methods.get(name)
