@@ -1,0 +1,216 @@
+"""jaxmask vs diffusers' PyTorch pipeline on the bundled toy model, on the CPU, in one command.
+
+The comparison of ``../shared/bench/peer_toy_cpu.py`` (the anchor), with each side in its own
+worker process so that the two may run on different Pythons: jaxmask where jax is fastest
+(jax 0.12 needs Python >= 3.12) and PyTorch where its wheel is (Python 3.11 here). The driver
+warms every variant up once (first-call seconds: compilation for jax), then runs rounds in which
+the four variants take turns, so that load on a shared machine hits all alike, and prints the
+median img/s of each and the ratios the speed issue asks for:
+
+- ``jaxmask plain``: images only (no capture);
+- ``jaxmask seediff-code masks``: images and the seediff-code masks of one class each;
+- ``torch plain``: ``StableDiffusionPipeline`` with SDPA attention;
+- ``torch + attention store``: the same with a processor that keeps running sums of every cross-
+  and self-attention map of the conditional half (what prompt-to-prompt style mask tools store).
+
+Same folder (``ports/toyworld/model``), batch, steps, guidance 7.5, DDIM, float32, 2 threads.
+
+    python bench/toy_cpu.py                                  # both sides on this Python
+    python bench/toy_cpu.py --jax-python /path/py312/bin/python --batch 8 --steps 20 --rounds 3
+
+A worker is this file with ``--worker jaxmask|torch``: it reads variant names on stdin, runs
+each once and answers one JSON line with the seconds.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "heart", "moon")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+VARIANTS = {
+    "jaxmask plain": ("jaxmask", "plain"),
+    "jaxmask seediff-code masks": ("jaxmask", "masks"),
+    "torch plain": ("torch", "plain"),
+    "torch + attention store": ("torch", "store"),
+}
+
+
+def prompts(batch: int) -> list[str]:
+    return [f"a {COLOURS[i % 8]} {CLASSES[i % 8]} on a plain background" for i in range(batch)]
+
+
+def jaxmask_runner(batch: int, steps: int):
+    import jax
+    import numpy as np
+
+    import jaxmask
+
+    pipe = jaxmask.load()
+    text = prompts(batch)
+    classes = [[CLASSES[i % 8]] for i in range(batch)]
+
+    def run(variant: str) -> None:
+        kw = {"classes": classes, "method": "seediff-code"} if variant == "masks" else {}
+        out = pipe.generate(text, jax.random.key(0), steps=steps, guidance=7.5, **kw)
+        np.asarray(out.images)  # wait for the device
+        if variant == "masks":
+            np.asarray(out.label_maps)
+
+    return run, {"jax": jax.__version__, "python": platform.python_version()}
+
+
+class AttentionStore:
+    """An attention processor that computes attention explicitly and keeps, per (kind, query
+    length), the running sum of the conditional half's head-mean probabilities."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, **_):
+        import torch
+
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+        kept = probs.view(b, attn.heads, n, -1)[b // 2 :].float().mean(1)
+        where = ("cross" if cross else "self", n)
+        self.sums[where] = self.sums[where] + kept if where in self.sums else kept.clone()
+        return out
+
+
+def torch_runner(batch: int, steps: int):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # accelerate's absence and the loading bars are noise here
+    logging.disable_progress_bar()
+
+    from ports.toyworld import MODEL
+
+    torch.set_num_threads(2)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODEL), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    text = prompts(batch)
+
+    def run(variant: str) -> None:
+        pipe.unet.set_attn_processor(AttentionStore() if variant == "store" else AttnProcessor2_0())
+        with torch.no_grad():
+            pipe(
+                text,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            )
+
+    return run, {"torch": torch.__version__, "python": platform.python_version()}
+
+
+def worker(side: str, batch: int, steps: int) -> None:
+    run, versions = (jaxmask_runner if side == "jaxmask" else torch_runner)(batch, steps)
+    print(json.dumps(versions), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        run(line.strip())
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+
+
+class Worker:
+    def __init__(self, python: str, side: str, batch: int, steps: int):
+        cmd = [python, __file__, "--worker", side, "--batch", str(batch), "--steps", str(steps)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
+        self.versions = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.proc.args[3]} worker stopped (see its stderr above)")
+        return json.loads(line)
+
+    def time(self, variant: str) -> float:
+        self.proc.stdin.write(variant + "\n")
+        self.proc.stdin.flush()
+        return self._answer()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jax-python", default=sys.executable, help="Python of the jaxmask side")
+    parser.add_argument("--torch-python", default=sys.executable, help="Python of the torch side")
+    parser.add_argument("--worker", choices=("jaxmask", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.batch, args.steps)
+    workers = {
+        "jaxmask": Worker(args.jax_python, "jaxmask", args.batch, args.steps),
+        "torch": Worker(args.torch_python, "torch", args.batch, args.steps),
+    }
+    try:
+        first = {name: workers[s].time(v) for name, (s, v) in VARIANTS.items()}
+        print(
+            json.dumps(
+                {
+                    "device": f"{platform.processor() or platform.machine()} CPU",
+                    "batch": args.batch,
+                    "steps": args.steps,
+                    **{s: w.versions for s, w in workers.items()},
+                    "first_call_s": {k: round(v, 2) for k, v in first.items()},
+                }
+            ),
+            flush=True,
+        )
+        times = {name: [] for name in VARIANTS}
+        for r in range(args.rounds):
+            for name, (side, variant) in VARIANTS.items():
+                times[name].append(workers[side].time(variant))
+            print(json.dumps({"round": r, **{k: round(v[-1], 3) for k, v in times.items()}}))
+    finally:
+        for w in workers.values():
+            w.close()
+    ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    ratios = {
+        "masks vs torch store": ips["jaxmask seediff-code masks"] / ips["torch + attention store"],
+        "plain vs torch plain": ips["jaxmask plain"] / ips["torch plain"],
+        "capture overhead jaxmask": ips["jaxmask plain"] / ips["jaxmask seediff-code masks"] - 1,
+        "capture overhead torch": ips["torch plain"] / ips["torch + attention store"] - 1,
+    }
+    print("| run | img/s | first call s |\n|---|---:|---:|")
+    for name in VARIANTS:
+        print(f"| {name} | {ips[name]:.2f} | {first[name]:.1f} |")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.3f}")
+    rounded = {k: round(v, 3) for k, v in ips.items()}
+    print(json.dumps({"img_per_s": rounded, "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
+
+
+if __name__ == "__main__":
+    main()
