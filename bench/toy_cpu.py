@@ -9,6 +9,9 @@ median img/s of each and the ratios the speed issue asks for:
 
 - ``jaxmask plain``: images only (no capture);
 - ``jaxmask seediff-code masks``: images and the seediff-code masks of one class each;
+- ``jaxmask generate (dataset run)``: ``ports.generate.run`` writing a VOC folder of at least four
+  batches of the masks variant (encode, hash, write included), whose img/s against the masks
+  variant is the share of the sampler's rate a dataset run sustains;
 - ``torch plain``: ``StableDiffusionPipeline`` with SDPA attention;
 - ``torch + attention store``: the same with a processor that keeps running sums of every cross-
   and self-attention map of the conditional half (what prompt-to-prompt style mask tools store).
@@ -36,6 +39,7 @@ COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black
 VARIANTS = {
     "jaxmask plain": ("jaxmask", "plain"),
     "jaxmask seediff-code masks": ("jaxmask", "masks"),
+    "jaxmask generate (dataset run)": ("jaxmask", "generate"),
     "torch plain": ("torch", "plain"),
     "torch + attention store": ("torch", "store"),
 }
@@ -55,14 +59,36 @@ def jaxmask_runner(batch: int, steps: int):
     text = prompts(batch)
     classes = [[CLASSES[i % 8]] for i in range(batch)]
 
-    def run(variant: str) -> None:
+    def run(variant: str) -> int:
+        if variant == "generate":
+            return dataset_run(pipe, batch, steps)
         kw = {"classes": classes, "method": "seediff-code"} if variant == "masks" else {}
         out = pipe.generate(text, jax.random.key(0), steps=steps, guidance=7.5, **kw)
         np.asarray(out.images)  # wait for the device
         if variant == "masks":
             np.asarray(out.label_maps)
+        return batch
 
     return run, {"jax": jax.__version__, "python": platform.python_version()}
+
+
+def dataset_run(pipe, batch: int, steps: int) -> int:
+    """A fresh ``jaxmask generate`` run of the bench's prompts into a temporary VOC folder: the
+    images it wrote."""
+    import tempfile
+
+    from ports.generate import RunConfig, run
+    from ports.plan import Plan
+
+    per_class = max(1, -(-4 * batch // len(CLASSES)))
+    plan = Plan(
+        CLASSES,
+        per_class,
+        prompts=tuple((p, (CLASSES[i % 8],)) for i, p in enumerate(prompts(len(CLASSES)))),
+    )
+    cfg = RunConfig(plan=plan, model=None, steps=steps, guidance=7.5)
+    with tempfile.TemporaryDirectory() as out:
+        return run(cfg, Path(out) / "data", batch_size=batch, pipeline=pipe).written
 
 
 class AttentionStore:
@@ -108,7 +134,7 @@ def torch_runner(batch: int, steps: int):
     pipe.set_progress_bar_config(disable=True)
     text = prompts(batch)
 
-    def run(variant: str) -> None:
+    def run(variant: str) -> int:
         pipe.unet.set_attn_processor(AttentionStore() if variant == "store" else AttnProcessor2_0())
         with torch.no_grad():
             pipe(
@@ -118,6 +144,7 @@ def torch_runner(batch: int, steps: int):
                 generator=torch.Generator().manual_seed(0),
                 output_type="np",
             )
+        return batch
 
     return run, {"torch": torch.__version__, "python": platform.python_version()}
 
@@ -127,8 +154,8 @@ def worker(side: str, batch: int, steps: int) -> None:
     print(json.dumps(versions), flush=True)
     for line in sys.stdin:
         t0 = time.perf_counter()
-        run(line.strip())
-        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        images = run(line.strip())
+        print(json.dumps({"seconds": time.perf_counter() - t0, "images": images}), flush=True)
 
 
 class Worker:
@@ -149,10 +176,12 @@ class Worker:
             raise RuntimeError(f"the {self.proc.args[3]} worker stopped (see its stderr above)")
         return json.loads(line)
 
-    def time(self, variant: str) -> float:
+    def rate(self, variant: str) -> tuple[float, float]:
+        """(seconds, img/s) of one run of ``variant``."""
         self.proc.stdin.write(variant + "\n")
         self.proc.stdin.flush()
-        return self._answer()["seconds"]
+        answer = self._answer()
+        return answer["seconds"], answer["images"] / answer["seconds"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -175,7 +204,7 @@ def main() -> None:
         "torch": Worker(args.torch_python, "torch", args.batch, args.steps),
     }
     try:
-        first = {name: workers[s].time(v) for name, (s, v) in VARIANTS.items()}
+        first = {name: workers[s].rate(v)[0] for name, (s, v) in VARIANTS.items()}
         print(
             json.dumps(
                 {
@@ -188,18 +217,20 @@ def main() -> None:
             ),
             flush=True,
         )
-        times = {name: [] for name in VARIANTS}
+        times = {name: [] for name in VARIANTS}  # img/s of each round
         for r in range(args.rounds):
             for name, (side, variant) in VARIANTS.items():
-                times[name].append(workers[side].time(variant))
+                times[name].append(workers[side].rate(variant)[1])
             print(json.dumps({"round": r, **{k: round(v[-1], 3) for k, v in times.items()}}))
     finally:
         for w in workers.values():
             w.close()
-    ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    ips = {k: statistics.median(v) for k, v in times.items()}
     ratios = {
         "masks vs torch store": ips["jaxmask seediff-code masks"] / ips["torch + attention store"],
         "plain vs torch plain": ips["jaxmask plain"] / ips["torch plain"],
+        "generate vs sampler": ips["jaxmask generate (dataset run)"]
+        / ips["jaxmask seediff-code masks"],
         "capture overhead jaxmask": ips["jaxmask plain"] / ips["jaxmask seediff-code masks"] - 1,
         "capture overhead torch": ips["torch plain"] / ips["torch + attention store"] - 1,
     }
