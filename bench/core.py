@@ -101,7 +101,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {'yes' if r['pamr'] else 'no'} | {r['batch']} | {r['ms_per_image']:.1f} | {r['compile_s']:.1f} |"
+            f"| {r['method']} | {'yes' if r['pamr'] else 'no'} | {r['batch']} "
+            f"| {r['ms_per_image']:.1f} | {r['compile_s']:.1f} |"
         )
     print(json.dumps({"device": device, "jax": jax.__version__, "results": rows}))
 

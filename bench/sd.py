@@ -62,7 +62,8 @@ DEFAULT_PEAK_TFLOPS = 792.0  # bf16 8192^3 matmul, H100 80GB HBM3, jax 0.11.2 (p
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """An SD architecture: diffusers Flax UNet / VAE keyword arguments, our CLIP config, defaults."""
+    """An SD architecture: diffusers Flax UNet / VAE keyword arguments, our CLIP config,
+    defaults."""
 
     unet: dict
     vae: dict
@@ -545,7 +546,8 @@ def table(rows) -> str:
             f"| {r['method']} | {r['batch']} | {r['images_per_s']:.3f} "
             f"| {r['images_per_s_with_masks']:.3f} | {r['ms_per_step']:.1f} "
             f"| {r['compile_s']:.1f} | {r['tflop_per_batch'] / r['batch']:.4g} "
-            f"| {r['achieved_tflops']:.3g} | {_fmt(r['mfu'], '.1%')} | {_fmt(r['peak_gib'], '.2f')} "
+            f"| {r['achieved_tflops']:.3g} | {_fmt(r['mfu'], '.1%')} "
+            f"| {_fmt(r['peak_gib'], '.2f')} "
             f"| {_fmt(r['program_gib'], '.2f')} |"
         )
     return "\n".join(lines)
@@ -686,8 +688,8 @@ def _main(args) -> dict:
     }
     print(
         f"device: {result['device']}; jax {jax.__version__}; {args.config} {args.dtype}, "
-        f"{result['size']} px, DDIM {steps} steps, guidance 7.5; UNet {n_params / 1e6:.1f} M params; "
-        f"build {build_s:.1f} s; head-mean {args.head_mean}"
+        f"{result['size']} px, DDIM {steps} steps, guidance 7.5; "
+        f"UNet {n_params / 1e6:.1f} M params; build {build_s:.1f} s; head-mean {args.head_mean}"
     )
     print(table(rows))
     if args.peer:

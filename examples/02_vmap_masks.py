@@ -36,4 +36,4 @@ conf = jax.vmap(metrics.confusion_matrix, in_axes=(None, 0, None))(
     truth, labels.astype(jnp.int32), 3
 ).sum(0)
 print("mIoU over the batch:", float(metrics.mean_iou(conf)))
-print("classes per item:", [sorted(np.unique(np.asarray(l)).tolist()) for l in labels])
+print("classes per item:", [sorted(np.unique(np.asarray(label)).tolist()) for label in labels])

@@ -214,8 +214,8 @@ class AttentionMaps:
     def self_at(self, r: int) -> Float[Array, "n n"]:
         if r not in self.self_attn:
             raise ValueError(
-                f"no self-attention captured at resolution {r}; captured: {sorted(self.self_attn)}. "
-                "Capture with the method's CaptureSpec."
+                f"no self-attention captured at resolution {r}; captured: "
+                f"{sorted(self.self_attn)}. Capture with the method's CaptureSpec."
             )
         return self.self_attn[r]
 

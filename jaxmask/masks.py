@@ -9,7 +9,8 @@ from jaxtyping import Array, Float, UInt8
 from jaxmask.labels import label_map
 from jaxmask.maps import AttentionMaps, finite, normalize_minmax
 from jaxmask.methods import CAConfig, MethodConfig, SeeDiffConfig
-from jaxmask.refine import PAMRConfig, pamr as pamr_refine, resize
+from jaxmask.refine import PAMRConfig, resize
+from jaxmask.refine import pamr as pamr_refine
 
 
 def extract_masks(

@@ -185,10 +185,11 @@ def _shifts(x: Float[Array, "c h w"], dilations: tuple[int, ...]) -> list[Float[
     ]
 
 
-# Sums over the P neighbours are written as chains of adds, not ``jnp.sum(stack(...) * w, 0)``:
-# XLA fuses the chain into one pass without materialising P copies (25x faster on the CPU), and
+# Sums over the P neighbours are written as chains of adds, not ``jnp.sum(stack(...) * w, 0)``: XLA
+# fuses the chain into one pass without materialising P copies (25x faster on the CPU), and
 # jaxlib 0.10.2's CPU reduce fusion miscomputes that stack-multiply-reduce pattern on images
-# of 160 px and more with several channels (jax-ml/jax#39103; ``--xla_cpu_experimental_ynn_fusion_type=``).
+# of 160 px and more with several channels (jax-ml/jax#39103;
+# ``--xla_cpu_experimental_ynn_fusion_type=``).
 
 
 def pamr_affinity(

@@ -63,7 +63,7 @@ def class_token_weights(
     return weights
 
 
-def match_tokens(prompt_ids: Int[Array, "t"], class_ids: Int[Array, "m"]) -> Bool[Array, "t"]:
+def match_tokens(prompt_ids: Int[Array, " t"], class_ids: Int[Array, " m"]) -> Bool[Array, " t"]:
     """Traceable twin of ``token_positions``: a mask of the covered positions.
 
     ``m`` is static (the class's token count); vmap over prompts for a batch. A class that does

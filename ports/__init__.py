@@ -1,1 +1,2 @@
-"""The imperative shell of jaxmask: checkpoints, the Flax Stable Diffusion sampler, devices, files, CLI."""
+"""The imperative shell of jaxmask: checkpoints, the Flax Stable Diffusion
+sampler, devices, files, CLI."""

@@ -288,7 +288,7 @@ class Pipeline:
                     _host_masks(extract_batch(maps[g], weights, samples.images, method, p))
                     for p in pamr
                 )
-                for method, g in zip(methods, where)
+                for method, g in zip(methods, where, strict=True)
             )
         return BatchResult(
             images=to_uint8(samples.images),

@@ -173,7 +173,7 @@ def open_source(src: str | Path) -> Source:
         for record in read_manifest(path)[0]:
             latest[record["global_index"]] = record
     records = [latest[i] for i in sorted(latest) if not is_filtered(latest[i])]
-    damaged = [(r["id"], p) for r, p in zip(records, voc.problems(src, records)) if p]
+    damaged = [(r["id"], p) for r, p in zip(records, voc.problems(src, records), strict=True) if p]
     if damaged:
         names = ", ".join(f"{name} ({problem})" for name, problem in damaged[:3])
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
@@ -227,8 +227,12 @@ def _merged_classes(sources: list[dict]) -> list[dict]:
 def _record(source: Source, picks: list[int], grid, applied, cfg, key, label, size, class_ids):
     unique = [source.records[p] for p in dict.fromkeys(picks)]
     first = unique[0]
-    steps = [name for (name, _, _), on in zip(STEPS, applied) if on]
-    params = {param: getattr(cfg, param) for (name, _, param), on in zip(STEPS, applied) if on}
+    steps = [name for (name, _, _), on in zip(STEPS, applied, strict=True) if on]
+    params = {
+        param: getattr(cfg, param)
+        for (name, _, param), on in zip(STEPS, applied, strict=True)
+        if on
+    }
     return {
         "prompt": " | ".join(r["prompt"] for r in unique),
         "negative_prompt": first["negative_prompt"],

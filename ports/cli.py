@@ -362,7 +362,7 @@ def sheet(
     if not prompt:
         if classes:
             _fail(ValueError("--classes without prompts: give the prompts too"))
-        prompt, names = zip(*render.SHEET_PROMPTS)
+        prompt, names = zip(*render.SHEET_PROMPTS, strict=True)
     else:
         if len(classes) != len(prompt):
             _fail(
@@ -400,7 +400,7 @@ def sheet(
                 pamr=pamr,
                 item_ids=idx,
             )
-            rows += list(zip(idx, render.prompt_rows(result)))
+            rows += list(zip(idx, render.prompt_rows(result), strict=True))
     except (ValueError, OSError) as err:
         _fail(err)
     path = render.write_sheet([row for _, row in sorted(rows, key=lambda r: r[0])], out, tile=128)

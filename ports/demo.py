@@ -10,7 +10,7 @@ import numpy as np
 
 import jaxmask
 import jaxmask.refine
-from jaxmask import metrics, methods, synthetic
+from jaxmask import methods, metrics, synthetic
 from ports import render
 
 # A miniature of SD at 512 px (attention at 8/16/32/64), two objects.

@@ -411,7 +411,7 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                 mesh=mesh,
             )
             ids = tokenize(sd.tokenizer, prompts)
-            for j, (index, valid) in enumerate(zip(batch.indices, batch.valid)):
+            for j, (index, valid) in enumerate(zip(batch.indices, batch.valid, strict=True)):
                 if not valid:
                     continue
                 item = items[j]
@@ -434,7 +434,9 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                                 ids[j].tolist(), class_ids(sd.tokenizer, word)
                             ),
                         }
-                        for cid, name, word in zip(class_ids_, item.classes, item.words)
+                        for cid, name, word in zip(
+                            class_ids_, item.classes, item.words, strict=True
+                        )
                     ],
                     "seed": {"rule": hosts.SEED_RULE, "value": cfg.seed},
                     "method": {"name": cfg.method, "params": dataclasses.asdict(method_cfg)},
@@ -450,11 +452,12 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                 if cfg.min_confidence is not None:
                     confidence = jaxmask.mask_confidence(result.soft_masks[j], result.label_maps[j])
                     record["mask_stats"]["confidence"] = {
-                        str(i): round(float(c), 6) for i, c in zip(class_ids_, confidence)
+                        str(i): round(float(c), 6)
+                        for i, c in zip(class_ids_, confidence, strict=True)
                     }
                 if cfg.val_fraction:
                     record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
-                names = {str(i): n for i, n in zip(class_ids_, item.classes)}
+                names = {str(i): n for i, n in zip(class_ids_, item.classes, strict=True)}
                 reason = filter_reason(record["mask_stats"], names, cfg)
                 if reason is None:
                     writer.write(int(index), result.images[j], label, record, soft_masks=soft)

@@ -28,7 +28,7 @@ def assert_trees_close(actual, expected, rtol=None, atol=None):
     a_leaves, a_def = jax.tree_util.tree_flatten(actual)
     e_leaves, e_def = jax.tree_util.tree_flatten(expected)
     assert a_def == e_def, f"tree structures differ: {a_def} vs {e_def}"
-    for a, e in zip(a_leaves, e_leaves):
+    for a, e in zip(a_leaves, e_leaves, strict=True):
         a, e = np.asarray(a), np.asarray(e)
         r, t = TOL.get(a.dtype, (1e-5, 1e-6))
         np.testing.assert_allclose(

@@ -99,8 +99,10 @@ def batches(indices: Sequence[int], batch_size: int) -> Iterator[Batch]:
     Fixed shapes mean one compilation for the whole run. Padding repeats the last real index (a real
     item, so the padded computation is well defined) and is marked invalid.
 
-    >>> [b.indices.tolist() for b in batches([3, 5, 7], 2)], [b.valid.tolist() for b in batches([3, 5, 7], 2)]
-    ([[3, 5], [7, 7]], [[True, True], [True, False]])
+    >>> [b.indices.tolist() for b in batches([3, 5, 7], 2)]
+    [[3, 5], [7, 7]]
+    >>> [b.valid.tolist() for b in batches([3, 5, 7], 2)]
+    [[True, True], [True, False]]
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -1,16 +1,17 @@
 """Stable Diffusion 1.x / 2.x in JAX: checkpoint loading, CLIP text encoder, tokenizer, sampler.
 
-Importing any ``ports.sd`` module silences diffusers 0.39's Flax deprecation message ("Flax classes are
-deprecated and will be removed in Diffusers v0.40.0"). It is a ``logger.warning`` in the ``setup`` of
-every diffusers Flax module and scheduler, so it would otherwise print once per module each time a UNet
-is traced. Only that message is dropped; the loggers' other records pass.
+Importing any ``ports.sd`` module silences diffusers 0.39's Flax deprecation message ("Flax classes
+are deprecated and will be removed in Diffusers v0.40.0"). It is a ``logger.warning`` in the
+``setup`` of every diffusers Flax module and scheduler, so it would otherwise print once per module
+each time a UNet is traced. Only that message is dropped; the loggers' other records pass.
 """
 
 import logging
 
 _FLAX_DEPRECATION = "Flax classes are deprecated"
 
-# Every diffusers 0.39 module that logs the message (diffusers 0.40 removed them all; the list is final).
+# Every diffusers 0.39 module that logs the message (diffusers 0.40 removed them
+# all; the list is final).
 _DIFFUSERS_FLAX_LOGGERS = (
     "diffusers.models.attention_flax",
     "diffusers.models.controlnets.controlnet_flax",
@@ -39,8 +40,8 @@ class _DropFlaxDeprecation(logging.Filter):
 
 
 def silence_flax_deprecation() -> None:
-    """Drop diffusers' Flax deprecation message from its loggers (idempotent; needs no diffusers import:
-    ``logging.getLogger`` returns the same logger objects diffusers later writes to)."""
+    """Drop diffusers' Flax deprecation message from its loggers (idempotent; needs no diffusers
+    import: ``logging.getLogger`` returns the same logger objects diffusers later writes to)."""
     for name in _DIFFUSERS_FLAX_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropFlaxDeprecation) for f in logger.filters):

@@ -19,11 +19,11 @@ float32 with the spec's per-step normalisation (``jaxmask.head_mean_probs``), an
 ``"maps"`` collection under the layer's own path. On one GPU the large maps (``n * m >= 2**20``:
 the 32x32 and 64x64 self layers at 512 px) come from ``ports.sd.headmean``'s fused Pallas kernel,
 which writes the head mean without the per-head float32 logits and probabilities XLA would
-materialise (``conditional_head_mean(..., kernel=...)`` forces either path). Recomputing them beside the fused output means
-capturing never changes the UNet's output. ``step_maps`` then turns the collection of one UNet call
-into per-resolution arrays (cross maps stacked per layer in UNet order, self maps averaged over the
-chosen layers); the sampler adds those into running sums in its ``lax.scan`` carry, so nothing is
-stacked over steps.
+materialise (``conditional_head_mean(..., kernel=...)`` forces either path). Recomputing them beside
+the fused output means capturing never changes the UNet's output. ``step_maps`` then turns the
+collection of one UNet call into per-resolution arrays (cross maps stacked per layer in UNet order,
+self maps averaged over the chosen layers); the sampler adds those into running sums in its
+``lax.scan`` carry, so nothing is stacked over steps.
 
 Which layers: a layer is ``attn1`` (self) or ``attn2`` (cross) of ``transformer_blocks_m`` in
 ``attentions_j`` of ``down_blocks_i`` / ``mid_block`` / ``up_blocks_i`` (its ``module.path``); its
@@ -174,7 +174,7 @@ def _bind(args, kwargs):
         raise TypeError(
             f"unexpected FlaxAttention call arguments: {len(args)} positional, {sorted(kwargs)}"
         )
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))  # trailing parameters may be absent
     bound.update(kwargs)
     return bound["hidden_states"], bound.get("context"), bound.get("deterministic", True)
 

@@ -1,13 +1,14 @@
 """Stable Diffusion's CLIP text encoder as a small Flax linen module, and its weight conversion.
 
-transformers 5 dropped ``FlaxCLIPTextModel``, so this is our own: token and position embeddings, pre-LN
-transformer layers under a causal mask, a final layer norm. It returns the last hidden state
+transformers 5 dropped ``FlaxCLIPTextModel``, so this is our own: token and position embeddings,
+pre-LN transformer layers under a causal mask, a final layer norm. It returns the last hidden state
 ``(b, t, d)``, which is what the SD 1.x and 2.x UNets take as ``encoder_hidden_states`` (the SD 2.x
-checkpoints ship a 23-layer text encoder, so no "penultimate layer" trick is needed). No padding mask:
-SD runs CLIP on prompts padded to 77 tokens without one, and so do we.
+checkpoints ship a 23-layer text encoder, so no "penultimate layer" trick is needed). No padding
+mask: SD runs CLIP on prompts padded to 77 tokens without one, and so do we.
 
-Parameter names mirror the PyTorch ``CLIPTextModel`` state dict (``layers_0/self_attn/q_proj/kernel`` for
-``encoder.layers.0.self_attn.q_proj.weight``), so ``convert_state_dict`` is a rename and a transpose.
+Parameter names mirror the PyTorch ``CLIPTextModel`` state dict
+(``layers_0/self_attn/q_proj/kernel`` for ``encoder.layers.0.self_attn.q_proj.weight``), so
+``convert_state_dict`` is a rename and a transpose.
 """
 
 import dataclasses
@@ -31,7 +32,8 @@ _ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """The fields of a transformers ``CLIPTextConfig`` the encoder uses (hashable, so a static argument)."""
+    """The fields of a transformers ``CLIPTextConfig`` the encoder uses (hashable, so a static
+    argument)."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -45,7 +47,8 @@ class CLIPTextConfig:
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
-                f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}"
+                f"unsupported CLIP hidden_act {self.hidden_act!r}; supported: "
+                f"{sorted(_ACTIVATIONS)}"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -55,7 +58,8 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping) -> "CLIPTextConfig":
-        """From a ``text_encoder/config.json`` dict (a CLIPTextConfig, or a full CLIPConfig's text part)."""
+        """From a ``text_encoder/config.json`` dict (a CLIPTextConfig, or a full
+        CLIPConfig's text part)."""
         if "text_config" in config and "hidden_size" not in config:
             config = config["text_config"]
         names = {f.name for f in dataclasses.fields(cls)}
@@ -130,8 +134,9 @@ class CLIPTextEncoder(nn.Module):
 
     Example::
 
-        encoder = CLIPTextEncoder(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4))
+        encoder = CLIPTextEncoder(CLIPTextConfig(vocab_size=100, hidden_size=32,
+                                                 intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4))
         params = encoder.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"]
         encoder.apply({"params": params}, jnp.zeros((2, 77), jnp.int32)).shape  # (2, 77, 32)
     """
@@ -147,8 +152,9 @@ class CLIPTextEncoder(nn.Module):
         t = token_ids.shape[1]
         if t > cfg.max_position_embeddings:
             raise ValueError(
-                f"token_ids has {t} tokens; the encoder takes at most {cfg.max_position_embeddings} "
-                "(tokenize with ports.sd.tokenizer.tokenize, which truncates)"
+                f"token_ids has {t} tokens; the encoder takes at most "
+                f"{cfg.max_position_embeddings} (tokenize with ports.sd.tokenizer.tokenize, which "
+                "truncates)"
             )
         token_embedding = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding"
@@ -175,11 +181,12 @@ _DROPPED = ("vision_model.", "visual_projection.", "text_projection.", "logit_sc
 def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     """PyTorch ``CLIPTextModel`` state dict -> the nested Flax params of ``CLIPTextEncoder``.
 
-    Keys may carry the ``text_model.`` prefix (SD checkpoints, transformers 4) or not (transformers 5
-    ``save_pretrained``); ``embeddings.position_ids`` and the vision tower / projection heads of a full
-    ``CLIPModel`` are dropped. Linear weights are transposed to ``kernel``; layer-norm ``weight`` becomes
-    ``scale``; embedding ``weight`` becomes ``embedding``. Unknown keys are kept under their own dotted
-    names so that the caller's structure check reports them.
+    Keys may carry the ``text_model.`` prefix (SD checkpoints, transformers 4) or not
+    (transformers 5 ``save_pretrained``); ``embeddings.position_ids`` and the vision
+    tower / projection heads of a full ``CLIPModel`` are dropped. Linear weights are transposed to
+    ``kernel``; layer-norm ``weight`` becomes ``scale``; embedding ``weight`` becomes
+    ``embedding``. Unknown keys are kept under their own dotted names so that the caller's
+    structure check reports them.
     """
     params: dict = {}
     for key, value in state_dict.items():

@@ -2,18 +2,19 @@
 
 ``load(model)`` takes a local diffusers-format folder (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) or a Hugging Face Hub id, reads the ``*.safetensors`` weights with
-``safetensors.numpy`` (no torch needed; ``*.bin`` is read with torch when it is installed), renames and
-reshapes the PyTorch keys with diffusers' own PyTorch-to-Flax rules, and checks the result against the
-parameter shapes ``jax.eval_shape`` gives for ``FlaxUNet2DConditionModel``, ``FlaxAutoencoderKL`` and our
-``CLIPTextEncoder`` (no eager ``init_weights``: it would allocate and initialise a second copy of the
-model).
+``safetensors.numpy`` (no torch needed; ``*.bin`` is read with torch when it is installed), renames
+and reshapes the PyTorch keys with diffusers' own PyTorch-to-Flax rules, and checks the result
+against the parameter shapes ``jax.eval_shape`` gives for ``FlaxUNet2DConditionModel``,
+``FlaxAutoencoderKL`` and our ``CLIPTextEncoder`` (no eager ``init_weights``: it would allocate and
+initialise a second copy of the model).
 
 Example::
 
     sd = load("stabilityai/stable-diffusion-2-base", dtype=jnp.bfloat16)
     ids = tokenize(sd.tokenizer, ["a photo of a cat"])
-    text = sd.text_encoder.apply({"params": sd.text_params}, ids)           # (1, 77, 1024)
-    eps = sd.unet.apply({"params": sd.unet_params}, latents, t, text).sample  # latents (1, 4, 64, 64)
+    text = sd.text_encoder.apply({"params": sd.text_params}, ids)  # (1, 77, 1024)
+    # latents: (1, 4, 64, 64)
+    eps = sd.unet.apply({"params": sd.unet_params}, latents, t, text).sample
     image = sd.vae.apply({"params": sd.vae_params}, latents, method=sd.vae.decode).sample
 """
 
@@ -46,8 +47,8 @@ _WEIGHT_STEMS = {
 
 _FOLDER_HINT = (
     "a diffusers-format Stable Diffusion folder has unet/, vae/, text_encoder/, tokenizer/ and "
-    "scheduler/ (what StableDiffusionPipeline.save_pretrained writes); a single-file .ckpt/.safetensors "
-    "checkpoint can be converted with diffusers: "
+    "scheduler/ (what StableDiffusionPipeline.save_pretrained writes); a single-file "
+    ".ckpt/.safetensors checkpoint can be converted with diffusers: "
     "StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
 )
 
@@ -99,15 +100,18 @@ class StableDiffusion:
 
     Attributes:
       unet: ``FlaxUNet2DConditionModel``; ``unet.apply({"params": unet_params}, latents, t, text)``
-        with ``latents (b, latent_channels, h/f, w/f)`` (NCHW), ``t`` int or ``(b,)``, ``text (b, 77, d)``;
-        returns an output whose ``.sample`` is the noise (or v) prediction, NCHW.
+        with ``latents (b, latent_channels, h/f, w/f)`` (NCHW), ``t`` int or ``(b,)``,
+        ``text (b, 77, d)``; returns an output whose ``.sample`` is the NCHW noise (or v)
+        prediction.
       vae: ``FlaxAutoencoderKL``; ``method=vae.decode`` maps latents (already divided by
         ``vae.scaling_factor``) to images in ``[-1, 1]`` (NCHW), ``method=vae.encode`` the reverse.
-      text_encoder: our ``CLIPTextEncoder``; ``apply({"params": text_params}, ids)`` -> ``(b, 77, d)``.
+      text_encoder: our ``CLIPTextEncoder``;
+        ``apply({"params": text_params}, ids)`` -> ``(b, 77, d)``.
       tokenizer: the checkpoint's transformers ``CLIPTokenizer`` (see ``ports.sd.tokenizer``).
       scheduler_config: ``scheduler/scheduler_config.json`` as a dict.
       latent_channels: channels of the latents (4 for SD 1.x / 2.x).
-      vae_scale_factor: image side / latent side, ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD).
+      vae_scale_factor: image side / latent side,
+        ``2 ** (len(vae.block_out_channels) - 1)`` (8 for SD).
       source: the folder or hub id it was loaded from.
       fingerprint: identifies the weights: ``"<hub id>@<commit hash>"``, or for a local folder
         ``"sha256:..."`` over the files' names, sizes and sampled contents (see ``_fingerprint``).
@@ -131,14 +135,15 @@ class StableDiffusion:
     def attention_resolutions(self, height: int, width: int) -> tuple[int, ...]:
         """The latent sides ``r`` at which the UNet has (self- and cross-) attention, ascending.
 
-        Read from the UNet's block types: down block ``i`` runs at ``side / 2**i``, the mid block at the
-        smallest side, up block ``j`` at ``side / 2**(n-1-j)``; blocks named ``CrossAttn*`` (and the
-        ``UNetMidBlock2DCrossAttn`` mid block) hold attention. SD 1.x / 2.x at 512x512: ``(8, 16, 32, 64)``.
+        Read from the UNet's block types: down block ``i`` runs at ``side / 2**i``, the mid block at
+        the smallest side, up block ``j`` at ``side / 2**(n-1-j)``; blocks named ``CrossAttn*`` (and
+        the ``UNetMidBlock2DCrossAttn`` mid block) hold attention. SD 1.x / 2.x at 512x512:
+        ``(8, 16, 32, 64)``.
 
         Args:
-          height, width: the image size in pixels. jaxmask's attention maps are square (``r x r``), so
-            they must be equal, and divisible by ``vae_scale_factor * 2**(len(blocks) - 1)`` so that
-            the UNet's down and up paths line up.
+          height, width: the image size in pixels. jaxmask's attention maps are square (``r x r``),
+            so they must be equal, and divisible by ``vae_scale_factor * 2**(len(blocks) - 1)`` so
+            that the UNet's down and up paths line up.
         """
         return self.attention_layout(height, width).sides
 
@@ -192,11 +197,11 @@ def load(
 
     Args:
       model: a local folder (see ``StableDiffusion``'s layout) or a Hugging Face Hub id such as
-        ``"stabilityai/stable-diffusion-2-base"`` (downloaded with ``huggingface_hub.snapshot_download``,
-        only the files needed: configs, tokenizer, the safetensors weights; ``.bin`` only where a
-        component has no safetensors).
-      dtype: ``jnp.float32`` or ``jnp.bfloat16`` (or ``float16``): params are cast to it and the modules
-        compute in it. Checkpoints stored in another float dtype are cast.
+        ``"stabilityai/stable-diffusion-2-base"`` (downloaded with
+        ``huggingface_hub.snapshot_download``, only the files needed: configs, tokenizer, the
+        safetensors weights; ``.bin`` only where a component has no safetensors).
+      dtype: ``jnp.float32`` or ``jnp.bfloat16`` (or ``float16``): params are cast to it and the
+        modules compute in it. Checkpoints stored in another float dtype are cast.
       revision: a Hub branch, tag or commit (Hub ids only).
 
     Returns:
@@ -205,8 +210,8 @@ def load(
     Raises:
       FileNotFoundError: the folder, a component subfolder or a weight file is missing.
       OSError: a Hub id could not be fetched.
-      ValueError: an architecture other than SD 1.x / 2.x (e.g. SDXL), or weights that do not match the
-        config (the message names the missing and unexpected parameters).
+      ValueError: an architecture other than SD 1.x / 2.x (e.g. SDXL), or weights that do not match
+        the config (the message names the missing and unexpected parameters).
     """
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -260,8 +265,8 @@ def load(
 
 
 def cast_floating(tree, dtype):
-    """Cast every floating leaf of a params tree to ``dtype`` (``FlaxModelMixin.to_bf16`` is broken on
-    new jax); other leaves are left as they are."""
+    """Cast every floating leaf of a params tree to ``dtype`` (``FlaxModelMixin.to_bf16`` is broken
+    on new jax); other leaves are left as they are."""
     dtype = jnp.dtype(dtype)
 
     def cast(leaf):
@@ -307,8 +312,8 @@ def _resolve(model: str | os.PathLike, revision: str | None) -> tuple[Path, str]
     )
     if looks_like_path:
         raise FileNotFoundError(
-            f"no checkpoint folder at {text!r}: pass an existing folder or a Hugging Face Hub id such "
-            f"as 'stabilityai/stable-diffusion-2-base'; {_FOLDER_HINT}"
+            f"no checkpoint folder at {text!r}: pass an existing folder or a Hugging Face Hub id "
+            f"such as 'stabilityai/stable-diffusion-2-base'; {_FOLDER_HINT}"
         )
     return _fetch(text, revision)
 
@@ -322,11 +327,11 @@ def _fetch(repo_id: str, revision: str | None) -> tuple[Path, str]:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         except Exception as error:  # network, auth, missing repo or revision: all end the same way
             raise OSError(
-                f"{repo_id!r} is not a local folder, and fetching it from the Hugging Face Hub failed "
-                f"({type(error).__name__}: {error}). Fix: check the id and revision, the network "
-                "(HF_HUB_OFFLINE must be unset to download), and for gated models accept the licence on "
-                "the model page and log in (`hf auth login` or HF_TOKEN); or pass a local "
-                f"diffusers-format folder ({_FOLDER_HINT})"
+                f"{repo_id!r} is not a local folder, and fetching it from the Hugging Face Hub "
+                f"failed ({type(error).__name__}: {error}). Fix: check the id and revision, the "
+                "network (HF_HUB_OFFLINE must be unset to download), and for gated models accept "
+                "the licence on the model page and log in (`hf auth login` or HF_TOKEN); or pass a "
+                f"local diffusers-format folder ({_FOLDER_HINT})"
             ) from error
 
     folder = download(_HUB_CONFIGS)
@@ -347,8 +352,8 @@ _SAMPLE = 1 << 16
 
 def _fingerprint(folder: Path) -> str:
     """sha256 over the checkpoint files' relative names and sizes, their first and last MiB and 32
-    evenly spaced 64 KiB chunks (about 4 MiB read per file, so cheap on a 5 GB folder, yet a fine-tune
-    that changes only some layers, e.g. a merged LoRA, still changes it)."""
+    evenly spaced 64 KiB chunks (about 4 MiB read per file, so cheap on a 5 GB folder, yet a
+    fine-tune that changes only some layers, e.g. a merged LoRA, still changes it)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = file.relative_to(folder).as_posix()
@@ -369,7 +374,7 @@ def _fingerprint(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-# -------------------------------------------------------------------------------------- architecture
+# ------------------------------------------------------------------------------------- architecture
 
 
 def _read_json(path: Path) -> dict:
@@ -403,17 +408,19 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
 
     def unsupported(what: str) -> ValueError:
         return ValueError(
-            f"{folder} is not a Stable Diffusion 1.x / 2.x checkpoint the Flax port can run: {what}. "
-            "jaxmask loads SD 1.x / 2.x only (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
-            "'stabilityai/stable-diffusion-2-base'); SDXL, inpainting and other UNet variants are not "
-            "supported"
+            f"{folder} is not a Stable Diffusion 1.x / 2.x checkpoint the Flax port can run: "
+            f"{what}. jaxmask loads SD 1.x / 2.x only (e.g. "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5', "
+            "'stabilityai/stable-diffusion-2-base'); SDXL, inpainting and other UNet variants are "
+            "not supported"
         )
 
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise unsupported(f"unet/ is a {unet['_class_name']}, not a UNet2DConditionModel")
     if unet.get("addition_embed_type") is not None:
         raise unsupported(
-            f"unet addition_embed_type={unet['addition_embed_type']!r} (SDXL-style added conditioning)"
+            f"unet addition_embed_type={unet['addition_embed_type']!r} "
+            "(SDXL-style added conditioning)"
         )
     for key, value in _UNET_FIXED.items():
         if unet.get(key, value) != value:
@@ -443,21 +450,23 @@ def _check_architecture(folder: Path) -> tuple[dict, dict, CLIPTextConfig]:
     in_channels = unet.get("in_channels", 4)
     if in_channels != latent_channels or unet.get("out_channels", 4) != latent_channels:
         raise unsupported(
-            f"unet in/out channels ({in_channels}, {unet.get('out_channels', 4)}) differ from the VAE's "
-            f"{latent_channels} latent channels (inpainting / depth-conditioned UNet)"
+            f"unet in/out channels ({in_channels}, {unet.get('out_channels', 4)}) differ from the "
+            f"VAE's {latent_channels} latent channels (inpainting / depth-conditioned UNet)"
         )
     text_config = CLIPTextConfig.from_dict(text)
     cross = unet.get("cross_attention_dim", 1280)
     if cross != text_config.hidden_size:
         raise unsupported(
-            f"unet cross_attention_dim {cross} != text encoder hidden_size {text_config.hidden_size}"
+            f"unet cross_attention_dim {cross} != text encoder hidden_size "
+            f"{text_config.hidden_size}"
         )
     return unet, vae, text_config
 
 
 def flax_fields(cls, config: Mapping) -> dict:
-    """The config entries the Flax class has fields for (diffusers would log the rest as unexpected),
-    JSON lists as tuples so that the module stays hashable (a static argument to ``jax.jit``)."""
+    """The config entries the Flax class has fields for (diffusers would log the rest as
+    unexpected), JSON lists as tuples so that the module stays hashable (a static argument to
+    ``jax.jit``)."""
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
 
@@ -466,7 +475,8 @@ def flax_fields(cls, config: Mapping) -> dict:
 
 
 def _weight_files(component: Path) -> list[Path]:
-    """The weight files of one component: canonical safetensors, else sharded, else any, else .bin."""
+    """The weight files of one component: canonical safetensors, else
+    sharded, else any, else .bin."""
     stem = _WEIGHT_STEMS[component.name]
     candidates = [
         [component / f"{stem}.safetensors"],
@@ -547,9 +557,9 @@ def _convert_diffusers(state: Mapping[str, np.ndarray], shapes, component: str) 
             flax_key, tensor = rename_key_and_reshape_tensor(pt_key, np.asarray(tensor), expected)
         except AssertionError:  # diffusers asserts the shape of attention projections
             raise ValueError(
-                f"{component} weight {key} has shape {tuple(np.shape(tensor))}, which does not match "
-                f"{component}/config.json. Fix: make sure {component}/ holds the weights saved with its "
-                "config.json"
+                f"{component} weight {key} has shape {tuple(np.shape(tensor))}, which does not "
+                f"match {component}/config.json. Fix: make sure {component}/ holds the weights "
+                "saved with its config.json"
             ) from None
         flat[flax_key] = tensor
     params = unflatten_dict(flat)
@@ -584,13 +594,14 @@ def _check_tree(params, shapes, component: str) -> None:
         ]
         raise ValueError(
             f"{component} weights do not match {component}/config.json ({'; '.join(parts)}). Fix: "
-            f"make sure {component}/ holds the weights saved with its config.json (a Stable Diffusion "
-            "1.x / 2.x checkpoint in diffusers format)"
+            f"make sure {component}/ holds the weights saved with its config.json (a Stable "
+            "Diffusion 1.x / 2.x checkpoint in diffusers format)"
         )
 
 
 def _to_device(params, dtype):
-    """numpy params -> jax arrays of ``dtype`` (cast on the host first, so bf16 moves half the bytes)."""
+    """numpy params -> jax arrays of ``dtype`` (cast on the host first, so bf16
+    moves half the bytes)."""
 
     def put(leaf):
         leaf = np.asarray(leaf)

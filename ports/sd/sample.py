@@ -367,7 +367,7 @@ class Sampler:
                 resolutions=layout.sides,
                 layout=layout,
             )
-            for one, mask, (cross, self_attn) in zip(specs, masks, sums)
+            for one, mask, (cross, self_attn) in zip(specs, masks, sums, strict=True)
         )
         maps = maps if several else maps[0]
         scaling = float(getattr(sd.vae, "scaling_factor", _VAE_SCALING))

@@ -96,7 +96,7 @@ def _max_length(tokenizer) -> int:
     max_length = int(tokenizer.model_max_length)
     if not 2 < max_length <= _MAX_SANE_LENGTH:
         raise ValueError(
-            f"the tokenizer's model_max_length is {tokenizer.model_max_length}; SD's is 77. Fix: set "
-            '"model_max_length": 77 in the checkpoint\'s tokenizer/tokenizer_config.json'
+            f"the tokenizer's model_max_length is {tokenizer.model_max_length}; SD's is 77. "
+            'Fix: set "model_max_length": 77 in the checkpoint\'s tokenizer/tokenizer_config.json'
         )
     return max_length

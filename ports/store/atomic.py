@@ -1,10 +1,10 @@
 """Atomic file writes: a reader (or a resumed run) sees either the old file or the whole new one.
 
 A write goes to a temporary name in the destination's own folder (so the final ``os.replace`` is a
-rename within one file system, which POSIX makes atomic), is flushed with ``fsync``, then renamed over
-the destination; the folder is fsynced so the rename survives a power cut. If anything fails (a full
-disk, a read-only or missing folder), the temporary file is removed and a :class:`StoreError` says
-which path failed and what to do.
+rename within one file system, which POSIX makes atomic), is flushed with ``fsync``, then renamed
+over the destination; the folder is fsynced so the rename survives a power cut. If anything fails (a
+full disk, a read-only or missing folder), the temporary file is removed and a :class:`StoreError`
+says which path failed and what to do.
 
 Temporary names are ``.<name>.<pid>-<random>.jaxmask-tmp``: hidden, unique per writer, and
 recognisable by :func:`is_temp` so that a resumed run can delete the ones a killed run left behind.
@@ -79,13 +79,15 @@ def is_temp(name: str | os.PathLike) -> bool:
 
 
 def target_of_temp(name: str | os.PathLike) -> str:
-    """The destination basename a temporary name was made for (``.a.jpg.1-ff.jaxmask-tmp`` -> ``a.jpg``)."""
+    """The destination basename a temporary name was made for
+    (``.a.jpg.1-ff.jaxmask-tmp`` -> ``a.jpg``)."""
     stem = Path(name).name[1 : -len(TEMP_SUFFIX)]
     return stem.rsplit(".", 1)[0]
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename or an unlink) to disk; a no-op where folders can't be opened."""
+    """Flush a folder's entries (a rename or an unlink) to disk; a no-op where
+    folders can't be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

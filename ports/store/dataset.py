@@ -171,7 +171,7 @@ class Dataset:
 
 def _finished(records: list[dict], complete: Sequence[bool]) -> dict[int, dict]:
     """For each global index, the last of its records whose files are complete."""
-    return {r["global_index"]: r for r, ok in zip(records, complete) if ok}
+    return {r["global_index"]: r for r, ok in zip(records, complete, strict=True) if ok}
 
 
 def _read_all(out: Path) -> tuple[list[dict], list[list[dict]], list[tuple[Path, int | None]]]:
@@ -272,10 +272,11 @@ def open_dataset(
     records, per_file, files = _read_all(out)
     complete = fmt.complete(out, records)
     finished = _finished(records, complete)
-    damaged = {r["global_index"] for r, ok in zip(records, complete) if not ok} - set(finished)
+    damaged = {r["global_index"] for r, ok in zip(records, complete, strict=True) if not ok}
+    damaged -= set(finished)
     fmt.clean(out, finished, process_index, process_count)
     start = 0
-    for (path, process), file_records in zip(files, per_file):
+    for (path, process), file_records in zip(files, per_file, strict=True):
         flags = complete[start : start + len(file_records)]
         start += len(file_records)
         if process == process_index:
@@ -294,7 +295,9 @@ def open_dataset(
 def _rewrite_manifest(path: Path, records: list[dict], complete: Sequence[bool]) -> None:
     """Keep the lines of ``path`` whose files are complete (the last line of each item, in file
     order) and drop a torn tail; rewritten atomically, and only when that changes the file."""
-    last = {r["global_index"]: n for n, (r, ok) in enumerate(zip(records, complete)) if ok}
+    last = {
+        r["global_index"]: n for n, (r, ok) in enumerate(zip(records, complete, strict=True)) if ok
+    }
     data = b"".join(encode_record(records[n]) for n in sorted(last.values()))
     if path.read_bytes() != data:
         atomic.write_bytes(path, data)
@@ -369,7 +372,7 @@ def verify(out: str | os.PathLike) -> Verification:
     found = fmt.problems(out, records)
     finished = _finished(records, [p is None for p in found])
     problems = {}
-    for record, problem in zip(records, found):
+    for record, problem in zip(records, found, strict=True):
         index = record["global_index"]
         if problem is not None and index not in finished:
             problems[index] = problem

@@ -4,9 +4,10 @@ peer read with no glue.
 ::
 
     <out>/JPEGImages/<id>.jpg                 the image (JPEG, quality 95)
-    <out>/SegmentationClass/<id>.png          the label map: palette PNG, 0 background, 1..K classes,
-                                              255 ignore, PASCAL VOC colours
-    <out>/SoftMasks/<id>.npz                  optional: per-class soft masks, float16, low resolution
+    <out>/SegmentationClass/<id>.png          the label map: palette PNG, 0 background,
+                                              1..K classes, 255 ignore, PASCAL VOC colours
+    <out>/SoftMasks/<id>.npz                  optional: per-class soft masks, float16,
+                                              low resolution
     <out>/ImageSets/Segmentation/{train,val,trainval}.txt  ids by split, in global-index order
                                               (written by the merge)
     <out>/id2label.json                       {"0": "background", "1": "cat", ...}

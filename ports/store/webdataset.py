@@ -289,12 +289,12 @@ def problems(out: Path, records: list[dict]) -> list[str | None]:
         ]
         found.append(f"{shard}: {bad[0]} differs from what was written" if bad else None)
     # A shard with one bad item is incomplete for all of its items.
-    damaged = {r.get("shard") for r, p in zip(records, found) if p is not None}
+    damaged = {r.get("shard") for r, p in zip(records, found, strict=True) if p is not None}
     return [
         p
         if p is not None or "shard" not in r or r["shard"] not in damaged
         else f"{r['shard']} holds a damaged item"
-        for r, p in zip(records, found)
+        for r, p in zip(records, found, strict=True)
     ]
 
 

@@ -21,7 +21,8 @@ def path(folder: str | os.PathLike) -> Path:
 
 
 def save(folder: str | os.PathLike, state, meta: dict) -> Path:
-    """Write ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as ``folder/checkpoint.msgpack``.
+    """Write ``state`` (any pytree of arrays) and ``meta`` (JSON-able) as
+    ``folder/checkpoint.msgpack``.
 
     Written to a temporary file, flushed to disk and renamed over the old one: a crash leaves the
     previous checkpoint or the new one, never half of either.

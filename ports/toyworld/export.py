@@ -1,4 +1,5 @@
-"""Write Flax parameters as a diffusers-format Stable Diffusion folder (the inverse of ``ports.sd.load``).
+"""Write Flax parameters as a diffusers-format Stable Diffusion folder (the inverse of
+``ports.sd.load``).
 
 The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``unet/``, ``vae/`` and
 ``text_encoder/`` with ``config.json`` and PyTorch-named safetensors weights, ``tokenizer/``,
@@ -7,10 +8,11 @@ read it.
 
 Key names invert diffusers' ``rename_key`` / ``rename_key_and_reshape_tensor``
 (``diffusers.models.modeling_flax_pytorch_utils``): a Flax module ``down_blocks_0`` is PyTorch's
-``down_blocks.0`` (except ``linear_1`` / ``linear_2`` of the time embedding, whose PyTorch names carry
-the underscore), attention ``query/key/value/proj_attn`` are ``to_q/to_k/to_v/to_out.0``, ``scale``
-is ``weight``, a 4-d ``kernel`` (h, w, in, out) is a conv ``weight`` (out, in, h, w) and a 2-d one is
-a transposed linear ``weight``. The CLIP names invert ``ports.sd.clip.convert_state_dict``.
+``down_blocks.0`` (except ``linear_1`` / ``linear_2`` of the time embedding, whose PyTorch names
+carry the underscore), attention ``query/key/value/proj_attn`` are ``to_q/to_k/to_v/to_out.0``,
+``scale`` is ``weight``, a 4-d ``kernel`` (h, w, in, out) is a conv ``weight`` (out, in, h, w) and a
+2-d one is a transposed linear ``weight``. The CLIP names invert
+``ports.sd.clip.convert_state_dict``.
 """
 
 import json
@@ -88,7 +90,8 @@ def save_pipeline(
     dtype=np.float16,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a diffusers-format folder; weights stored as ``dtype`` (float16 keeps the toy model small).
+    """Write a diffusers-format folder; weights stored as ``dtype`` (float16
+    keeps the toy model small).
 
     The folder is written under a temporary name and renamed into place, so an interrupted save
     leaves the previous folder (or none), never a half-written one. ``extra_files`` maps file names

@@ -87,7 +87,8 @@ def prompts(per_class: int, seed: int = 0) -> list[tuple[str, int]]:
 
 
 def has_colour(item: int) -> bool:
-    """Whether generated item ``item``'s prompt names the object's colour (rounds of 8 alternate)."""
+    """Whether generated item ``item``'s prompt names the object's colour (rounds
+    of 8 alternate)."""
     return (item // len(scenes.CLASSES)) % 2 == 0
 
 
@@ -297,7 +298,10 @@ def generate_stage(
                     _batch_confidence(soft, labels)
                 )[:, 0]
         specs = step.specs
-        groups = [[m for m, g in zip(names, step.groups) if g == i] for i in range(len(specs))]
+        groups = [
+            [m for m, g in zip(names, step.groups, strict=True) if g == i]
+            for i in range(len(specs))
+        ]
         batch_seconds.append(time.perf_counter() - began)
         if on_batch is not None:
             on_batch(start + b, batch_seconds)
@@ -329,7 +333,7 @@ def kept(generated: Generated, key: tuple[str, bool], filters: Filters | None) -
         [
             filter_reason({"fraction": {"1": f}, "confidence": {"1": c}}, {"1": "class"}, filters)
             is None
-            for f, c in zip(fraction, generated.confidence[key])
+            for f, c in zip(fraction, generated.confidence[key], strict=True)
         ]
     )
 
@@ -727,8 +731,8 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
     lines += [
         "",
         (
-            f"Named object present (the oracle finds at least {c['min_pixels']} pixels of the class "
-            f"the prompt names): **{pct(result['present'])} %** of the images; per class:"
+            f"Named object present (the oracle finds at least {c['min_pixels']} pixels of the "
+            f"class the prompt names): **{pct(result['present'])} %** of the images; per class:"
         ),
         "",
         "| " + " | ".join(classes[1:]) + " |",
@@ -788,7 +792,10 @@ def _vae_lines(vae: Mapping | None, scenes_: int) -> list[str]:
         "### The model's VAE",
         "",
         f"The model's VAE on the same {scenes_} held-out real scenes, `decode(encode(x))`: mean",
-        f"absolute error **{vae['mae']:.1f}** grey levels (0-255); {vae['ring_mae']:.1f} in the outer",
+        (
+            f"absolute error **{vae['mae']:.1f}** grey levels (0-255); {vae['ring_mae']:.1f} in "
+            "the outer"
+        ),
         f"{vae['ring']} px ring against {vae['interior_mae']:.1f} inside (ratio "
         f"{vae['ring_mae'] / max(vae['interior_mae'], 1e-9):.2f}; a frame drawn by the decoder",
         "shows as a larger ring error). The oracle's labels on the reconstructions agree with its",

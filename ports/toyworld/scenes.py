@@ -138,7 +138,7 @@ def sample_objects(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> 
     classes = rng.choice(len(CLASSES), size=n, replace=False)
     colours = rng.choice(list(COLOURS), size=n, replace=False)
     objs = []
-    for c, colour in zip(classes, colours):
+    for c, colour in zip(classes, colours, strict=True):
         size = rng.uniform(0.18, 0.28)
         objs.append(
             Obj(

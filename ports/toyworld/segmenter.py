@@ -92,7 +92,7 @@ class UNet(nn.Module):
                 x = nn.max_pool(x, (2, 2), (2, 2))
             x = _conv(_conv(x, width, g), width, g)
             skips.append(x)
-        for width, skip in zip(reversed(self.cfg.features[:-1]), reversed(skips[:-1])):
+        for width, skip in zip(reversed(self.cfg.features[:-1]), reversed(skips[:-1]), strict=True):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = _conv(nn.Dense(width)(x) + skip, width, g)
         k = self.cfg.num_classes
@@ -316,12 +316,16 @@ def confusion(labels, preds, num_classes: int = NUM_CLASSES, batch: int = 256) -
 
 
 def scores(conf: np.ndarray) -> dict:
-    """``{"miou", "iou": per class (None where absent), "pixel_accuracy"}`` of a confusion matrix."""
+    """``{"miou", "iou": per class (None where absent), "pixel_accuracy"}``
+    of a confusion matrix."""
     values, present = iou(jnp.asarray(conf, jnp.float32))
     total = conf.sum()
     return {
         "miou": float(mean_iou(jnp.asarray(conf, jnp.float32))),
-        "iou": [float(v) if p else None for v, p in zip(np.asarray(values), np.asarray(present))],
+        "iou": [
+            float(v) if p else None
+            for v, p in zip(np.asarray(values), np.asarray(present), strict=True)
+        ],
         "pixel_accuracy": float(np.trace(conf) / total) if total else 0.0,
     }
 

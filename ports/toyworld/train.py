@@ -1,22 +1,22 @@
 """Train the bundled toy Stable Diffusion on the shapes world, from scratch, with optax.
 
 Same architecture classes as a real checkpoint (diffusers' ``AutoencoderKL`` and
-``UNet2DConditionModel``, a CLIP text encoder, a CLIP tokenizer), only small: 64 px images, a VAE that
-downsamples by ``2 ** (len(vae_channels) - 1)`` and a UNet with cross- and self-attention at every
-level (``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` and the cross-attention mid block). The
-bundled model (preset ``cpu``) has 16x16x4 latents and attention at 16, 8 and 4, so SeeDiff has its
-seeds at 4 and two expansion stages 4 -> 8 -> 16: the ratios of SD at 512 px (seeds at image / 32
-there, image / 16 here). The ``gpu`` preset keeps 32x32 latents (attention 32/16/8); on the 2-core
-CPU one step of it costs ~0.3 s per sample against ~0.05 s at 16x16 (measured: 1024-token
+``UNet2DConditionModel``, a CLIP text encoder, a CLIP tokenizer), only small: 64 px images, a VAE
+that downsamples by ``2 ** (len(vae_channels) - 1)`` and a UNet with cross- and self-attention at
+every level (``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` and the cross-attention mid block).
+The bundled model (preset ``cpu``) has 16x16x4 latents and attention at 16, 8 and 4, so SeeDiff has
+its seeds at 4 and two expansion stages 4 -> 8 -> 16: the ratios of SD at 512 px (seeds at
+image / 32 there, image / 16 here). The ``gpu`` preset keeps 32x32 latents (attention 32/16/8); on
+the 2-core CPU one step of it costs ~0.3 s per sample against ~0.05 s at 16x16 (measured: 1024-token
 self-attention dominates), too slow to train in two hours.
 
 Two stages, as Stable Diffusion was trained (Rombach et al. 2022, Sec. 3-4):
 
 1. the VAE alone: reconstruction (L1 + L2) of world images plus a KL term weighted 1e-6 (the LDM
-   "KL-reg" autoencoder without its perceptual and adversarial losses, which a flat-shaded world does
-   not need), first on random ``vae_crop`` px crops (the VAE is convolutional; LDM trains it on
-   crops too), then for the last ``vae_full_steps`` on whole images, so the decoder learns the
-   image border; ``scaling_factor`` is then ``1 / std`` of the latents, as SD's 0.18215 was chosen;
+   "KL-reg" autoencoder without its perceptual and adversarial losses, which a flat-shaded world
+   does not need), first on random ``vae_crop`` px crops (the VAE is convolutional; LDM trains it on
+   crops too), then for the last ``vae_full_steps`` on whole images, so the decoder learns the image
+   border; ``scaling_factor`` is then ``1 / std`` of the latents, as SD's 0.18215 was chosen;
 2. the UNet and the text encoder together on frozen-VAE latents: DDPM epsilon prediction (Ho et al.
    2020, Eq. 14) under SD's own ``scaled_linear`` schedule (beta 0.00085 -> 0.012, 1000 steps),
    optionally min-SNR-gamma weighted (Hang et al. 2023), the caption dropped to the empty prompt
@@ -62,11 +62,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ports.progress import reporter
 from ports.scale.mesh import DATA_AXIS, data_mesh
 from ports.sd.load import flax_fields
 from ports.sd.schedulers import SD_DDIM_CONFIG
 from ports.toyworld import checkpoint, export, scenes
-from ports.progress import reporter
 from ports.toyworld.vocab import write_clip_tokenizer
 
 SIZE = 64  # image side
@@ -86,7 +86,8 @@ WORDS = (
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Sizes, steps and optimiser settings of one training run (``PRESETS`` holds the named ones)."""
+    """Sizes, steps and optimiser settings of one training run (``PRESETS``
+    holds the named ones)."""
 
     scenes: int = 50_000  # rendered training scenes (each seen many times)
     vae_steps: int = 2_000
@@ -228,7 +229,8 @@ def vae_config(cfg: TrainConfig, scaling_factor: float = 1.0) -> dict:
 
 
 def text_config(cfg: TrainConfig, vocab_size: int) -> dict:
-    """``text_encoder/config.json``: transformers ``CLIPTextModel`` (BOS, EOS = the last two ids)."""
+    """``text_encoder/config.json``: transformers ``CLIPTextModel`` (BOS,
+    EOS = the last two ids)."""
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -260,7 +262,7 @@ SCHEDULER_CONFIG = {
 
 def _render(seeds: list[tuple[int, int]], drop: list[bool]) -> tuple[np.ndarray, list, list]:
     images, captions, plain = [], [], []
-    for seed, no_colour in zip(seeds, drop):
+    for seed, no_colour in zip(seeds, drop, strict=True):
         s = scenes.scene(np.random.SeedSequence(seed), SIZE)
         images.append(s.image)
         captions.append(s.caption)
@@ -285,7 +287,7 @@ def render_dataset(n: int, seed: int, drop_colours: float, workers: int | None =
     else:  # spawn: the workers import numpy and the world only, never jax
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = list(pool.map(_render, *zip(*parts)))
+            results = list(pool.map(_render, *zip(*parts, strict=True)))
     images = np.concatenate([r[0] for r in results])
     captions = [c for r in results for c in r[1]]
     train_captions = [c for r in results for c in r[2]]
@@ -326,7 +328,8 @@ def _images_nchw(batch_uint8: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def _crops(batch: jax.Array, side: int, key: jax.Array) -> jax.Array:
-    """A random ``side`` x ``side`` crop of each NHWC image (the whole image when ``side`` is its side)."""
+    """A random ``side`` x ``side`` crop of each NHWC image (the whole image when
+    ``side`` is its side)."""
     n, h, w, _ = batch.shape
     corners = jax.random.randint(key, (n, 2), 0, jnp.array([h - side + 1, w - side + 1]))
 
@@ -492,7 +495,8 @@ def encode_dataset(vae, params, images: jax.Array, batch: int = 256):
 
 
 def alphas_cumprod() -> jax.Array:
-    """SD's ``scaled_linear`` schedule: betas linear in sqrt space, cumulative product of 1 - beta."""
+    """SD's ``scaled_linear`` schedule: betas linear in sqrt space,
+    cumulative product of 1 - beta."""
     betas = jnp.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS) ** 2
     return jnp.cumprod(1.0 - betas)
 
@@ -555,7 +559,8 @@ def train_unet(
         k_idx, k_z, k_flip, k_null, k_loss = jax.random.split(key, 5)
         idx = jax.random.randint(k_idx, (cfg.unet_batch,), 0, mean.shape[0])
         z0 = mean[idx] + std[idx] * jax.random.normal(k_z, mean[idx].shape)
-        # Flip latents left-right: the VAE is convolutional, so this is the latent of the flipped image.
+        # Flip latents left-right: the VAE is convolutional, so this is the
+        # latent of the flipped image.
         flip = jax.random.bernoulli(k_flip, 0.5, (cfg.unet_batch, 1, 1, 1))
         z0 = jnp.where(flip, z0[..., ::-1], z0) * scaling
         null = jax.random.bernoulli(k_null, cfg.null_prompt, (cfg.unet_batch, 1))
@@ -683,7 +688,7 @@ def train(
     device = jax.devices()[0]
     segment = {
         "command": _command(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"{device.device_kind} ({device.platform}) x {jax.device_count()}",
         "jax": jax.__version__,
         "python": platform.python_version(),

@@ -1,11 +1,11 @@
 """CLIP tokenizer files for a small closed vocabulary.
 
 ``write_clip_tokenizer(folder, words)`` writes what ``transformers.CLIPTokenizer.save_pretrained``
-writes (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) for a
-byte-level BPE whose symbols are the printable ASCII characters (alone and word-final, ``c</w>``) plus
-one whole-word token per listed word. Each word's merges are appended after every earlier word's:
-the word is first split the way the merges so far would split it (BPE applies the lowest-ranked
-pair first, so earlier chains run first), then those pieces are merged left to right
+writes (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``) for
+a byte-level BPE whose symbols are the printable ASCII characters (alone and word-final, ``c</w>``)
+plus one whole-word token per listed word. Each word's merges are appended after every earlier
+word's: the word is first split the way the merges so far would split it (BPE applies the
+lowest-ranked pair first, so earlier chains run first), then those pieces are merged left to right
 (``st a`` -> ``sta``, ..., ``sta r</w>`` -> ``star</w>``). An earlier word's chain never sees the
 new merges (it is one token before they rank), so every listed word is one token; any other word
 still tokenizes, into characters, so no prompt is refused.

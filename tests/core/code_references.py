@@ -40,7 +40,7 @@ class Scene:
 def _object_labels(centres, radii, r: int) -> np.ndarray:
     y, x = (np.mgrid[:r, :r] + 0.5) / r
     labels = np.zeros((r, r), np.int32)
-    for j, ((cy, cx), (ry, rx)) in enumerate(zip(centres, radii)):
+    for j, ((cy, cx), (ry, rx)) in enumerate(zip(centres, radii, strict=True)):
         labels[((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1] = j + 1
     return labels
 
@@ -49,7 +49,7 @@ def _softness(centres, radii, r: int) -> np.ndarray:
     """(objects, r, r) smooth indicators: 1 inside, falling off over ~10 % of a radius."""
     y, x = (np.mgrid[:r, :r] + 0.5) / r
     out = []
-    for (cy, cx), (ry, rx) in zip(centres, radii):
+    for (cy, cx), (ry, rx) in zip(centres, radii, strict=True):
         d = np.sqrt(((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2)
         out.append(1.0 / (1.0 + np.exp((d - 1.0) / 0.1)))
     return np.stack(out)

@@ -165,7 +165,7 @@ def test_splice_labels_are_input_values_never_interpolated(rows, cols):
 def test_splice_jit_and_vmap_agree_with_eager():
     images, labels = random_pairs(3 * 4, 12, 12)
     images, labels = images.reshape(3, 4, 12, 12, 3), labels.reshape(3, 4, 12, 12)
-    batched = jax.vmap(lambda i, l: aug.splice(i, l, 2, 2))(images, labels)
+    batched = jax.vmap(lambda image, label: aug.splice(image, label, 2, 2))(images, labels)
     for b in range(3):
         eager = aug.splice(images[b], labels[b], 2, 2)
         jitted = splice(images[b], labels[b], rows=2, cols=2)
@@ -425,7 +425,7 @@ def test_choose_grid_follows_the_weights_and_sources_are_in_range():
 
 
 def test_default_config_is_diffumask_splicing():
-    grids = dict(zip(aug.DIFFUMASK.grids, aug.DIFFUMASK.grid_weights))
+    grids = dict(zip(aug.DIFFUMASK.grids, aug.DIFFUMASK.grid_weights, strict=True))
     assert set(grids) == {(1, 2), (2, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8)}
     assert grids[(1, 2)] + grids[(2, 1)] == 3000 and grids[(3, 3)] == 4000 and grids[(8, 8)] == 1000
     assert hash(aug.DIFFUMASK) == hash(aug.AugmentConfig())  # static under jit

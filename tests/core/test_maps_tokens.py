@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from jaxmask import maps as M
 from jaxmask import tokens as T
 
-
 # --- normalisations ------------------------------------------------------------------------
 
 
@@ -120,8 +119,10 @@ def test_class_cross_sums_normalised_layers_and_averages_tokens():
     got = M.class_cross(cross, w, "minmax")
     c = np.asarray(cross)
     expect0 = sum(
-        (lambda m: (m - m.min()) / (m.max() - m.min()))(0.5 * c[l, ..., 1] + 0.5 * c[l, ..., 2])
-        for l in range(3)
+        (lambda m: (m - m.min()) / (m.max() - m.min()))(
+            0.5 * c[layer, ..., 1] + 0.5 * c[layer, ..., 2]
+        )
+        for layer in range(3)
     )
     np.testing.assert_allclose(got[0], expect0, rtol=1e-5)
     np.testing.assert_allclose(M.class_cross(cross, w)[1], c[..., 3].sum(0), rtol=1e-5)

@@ -86,7 +86,7 @@ def test_accumulation_over_a_batch_equals_one_big_matrix():
     labels = jnp.asarray(np.stack([p[0] for p in pairs]))
     preds = jnp.asarray(np.stack([p[1] for p in pairs]))
     batched = jax.jit(jax.vmap(lambda g, p: confusion_matrix(g, p, 4)))(labels, preds)
-    loop = np.stack([confusion_matrix(g, p, 4) for g, p in zip(labels, preds)])
+    loop = np.stack([confusion_matrix(g, p, 4) for g, p in zip(labels, preds, strict=True)])
     np.testing.assert_array_equal(batched, loop)
     # one matrix over all pixels of the dataset = the sum of the per-image matrices
     big = confusion_matrix(labels.reshape(-1, 11), preds.reshape(-1, 11), 4)

@@ -19,6 +19,8 @@ import pytest
 import jaxmask
 from jaxmask import methods
 
+# code_references imports cv2 at its top: the skip must come before that import
+# ruff: noqa: E402
 cv2 = pytest.importorskip("cv2")  # the test extra (opencv-python-headless)
 from tests.core import code_references as ref
 

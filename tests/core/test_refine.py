@@ -265,7 +265,8 @@ def test_pamr_flat_image_one_iteration_is_neighbour_mean():
 
 def test_pamr_two_region_image_one_iteration_by_hand():
     # grey image, columns 0-1 black, 2-3 white. Pixel (0, 1): its 8 clamped neighbours are
-    # (0,0) [up-left], (0,1) [up], (0,2) [up-right], (0,0) [left], (0,2) [right], (1,0), (1,1), (1,2).
+    # (0,0) [up-left], (0,1) [up], (0,2) [up-right], (0,0) [left], (0,2) [right],
+    # (1,0), (1,1), (1,2).
     # The 9 samples (centre included) hold three 1s and six 0s: mean 1/3, unbiased
     # var = (3 (2/3)^2 + 6 (1/3)^2) / 8 = 1/4, std 1/2. Black neighbours: a = 0; white ones:
     # a = -1 / (0.1 * 0.5) = -20. Softmax: 1 / (5 + 3 e^-20) and e^-20 / (5 + 3 e^-20).
@@ -421,5 +422,5 @@ def test_pamr_vmap_equals_loop():
     images, masks = _rand(40, (3,) + HW + (3,)), _rand(41, (3, C) + HW)
     cfg = TWO_DIL
     batched = jax.jit(jax.vmap(pamr, in_axes=(0, 0, None)), static_argnums=2)(images, masks, cfg)
-    loop = np.stack([_pamr_jit(i, m, cfg) for i, m in zip(images, masks)])
+    loop = np.stack([_pamr_jit(i, m, cfg) for i, m in zip(images, masks, strict=True)])
     np.testing.assert_allclose(batched, loop, rtol=1e-5, atol=1e-6)

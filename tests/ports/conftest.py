@@ -5,7 +5,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
-    """A tiny random SD 1.x checkpoint folder (see ``tests/ports/sd/tiny.py``), built once per session."""
+    """A tiny random SD 1.x checkpoint folder (see ``tests/ports/sd/tiny.py``),
+    built once per session."""
     pytest.importorskip("torch")
     from tests.ports.sd.tiny import make_tiny_sd
 

@@ -200,7 +200,7 @@ def test_every_default_runs_on_the_three_level_unet(pipe3):
         spec=tuple(specs[n] for n in names),
     )
     weights = jaxmask.class_token_weights(ids[0], [class_ids(pipe3.sd.tokenizer, "cat")], ["cat"])
-    for name, maps in zip(names, samples.maps):
+    for name, maps in zip(names, samples.maps, strict=True):
         one = jax.tree_util.tree_map(lambda x: x[0], maps)
         soft, label = jaxmask.extract_masks(
             one, jax.numpy.asarray(weights), samples.images[0], jaxmask.methods.get(name)

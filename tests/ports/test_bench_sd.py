@@ -105,7 +105,10 @@ def test_flops_count_every_unet_call(bench, tiny):
     # counts its body once (why the sampler is not costed as a whole)
     x = jnp.ones((32, 32), jnp.float32)
     assert bench.cost_flops(lambda a: a @ a, x) == 2 * 32**3
-    scan = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, None, length=7)[0]
+
+    def scan(a):
+        return jax.lax.scan(lambda c, _: (c @ c, None), a, None, length=7)[0]
+
     assert bench.cost_flops(scan, x) < 7 * 2 * 32**3
 
     sampler = bench.Sampler(tiny)

@@ -278,7 +278,7 @@ def test_webdataset_shards_pair_image_label_record(reference, tiny_sd_path, tmp_
     for decoder in ("rgb8", "pil", "l8", "torchrgb"):
         samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode(decoder))
         assert [s["__key__"] for s in samples] == IDS
-        for sample, record in zip(samples, lines):
+        for sample, record in zip(samples, lines, strict=True):
             label = sample["label.npz"]["label"]  # the README's line
             assert label.dtype == np.uint8 and label.shape == (SIDE, SIDE)
             np.testing.assert_array_equal(label, label_array(members[record["id"]]["png"]))
@@ -347,7 +347,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_sd_path, prompt_file, t
     changes, words = BAD_INPUTS[case]
     out = tmp_path / "out"
     args = generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH)
-    for flag, value in zip(changes[::2], changes[1::2]):
+    for flag, value in zip(changes[::2], changes[1::2], strict=True):
         if flag in args and flag != "--param":
             at = args.index(flag)
             del args[at : at + 2]

@@ -88,7 +88,7 @@ def test_generate_refuses_before_any_work(case, tiny_sd_path, tmp_path):
         line = changes if isinstance(changes, str) else json.dumps(changes, ensure_ascii=False)
         prompts.write_text(line + "\n")
         changes = ["--prompts", str(prompts)]
-    for flag, value in zip(changes[::2], changes[1::2]):
+    for flag, value in zip(changes[::2], changes[1::2], strict=True):
         if flag in args and flag != "--param":
             at = args.index(flag)
             del args[at : at + 2]

@@ -10,6 +10,8 @@ import sys
 
 import jax
 
+# the entry point pins the platform before anything else is imported
+# ruff: noqa: E402
 jax.config.update("jax_platforms", "cpu")
 
 import jax.numpy as jnp
@@ -56,7 +58,12 @@ def main() -> None:
             images, label_maps = make_items(keys)
             key_data = np.asarray(jax.random.key_data(keys))
             for index, valid, image, label_map, seed in zip(
-                batch.indices, batch.valid, np.asarray(images), np.asarray(label_maps), key_data
+                batch.indices,
+                batch.valid,
+                np.asarray(images),
+                np.asarray(label_maps),
+                key_data,
+                strict=True,
             ):
                 if valid:
                     record = make_record(int(index), label_map, seed_value=seed.tolist())

@@ -69,7 +69,9 @@ def test_keys_do_not_depend_on_batch_size_or_devices(batch_size):
         keys = shard_batch(hosts.item_keys(base, batch.indices), mesh)
         values = np.asarray(draw(keys))
         data = np.asarray(jax.random.key_data(keys))
-        for index, valid, key_data, value in zip(batch.indices, batch.valid, data, values):
+        for index, valid, key_data, value in zip(
+            batch.indices, batch.valid, data, values, strict=True
+        ):
             np.testing.assert_array_equal(key_data, one_by_one[int(index)])
             expected = jax.random.uniform(hosts.item_key(base, int(index)), (3,))
             np.testing.assert_array_equal(value, np.asarray(expected))

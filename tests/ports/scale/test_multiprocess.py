@@ -50,7 +50,7 @@ def run_processes(out, process_count, batch_size):
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output
 
 

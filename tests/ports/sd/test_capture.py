@@ -14,8 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
 from jaxmask.maps import CaptureSpec
 from ports.sd.capture import (
     MAPS,
@@ -25,6 +23,8 @@ from ports.sd.capture import (
     parse_layer,
     step_maps,
 )
+
+torch = pytest.importorskip("torch")
 
 pytestmark = [
     # diffusers' PyTorch loaders, on these machines without accelerate/torchvision
@@ -142,7 +142,7 @@ def assert_maps_close(actual, expected, rel):
     """Compare ``(cross, self)`` dicts: ``max |got - want| <= rel * max |want|`` per map; returns
     the worst such relative error."""
     worst = 0.0
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert sorted(got) == sorted(want)
         for r in want:
             got_r = np.asarray(got[r], np.float64)

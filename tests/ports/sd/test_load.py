@@ -1,5 +1,5 @@
-"""ports.sd.load / clip / tokenizer: parity with PyTorch diffusers and transformers on the tiny SD 1.x
-and SD 2.x checkpoints, bf16, the errors, and tokenization.
+"""ports.sd.load / clip / tokenizer: parity with PyTorch diffusers and transformers on the tiny
+SD 1.x and SD 2.x checkpoints, bf16, the errors, and tokenization.
 
 Every expected value comes from PyTorch (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``,
 transformers ``CLIPTextModel``, ``CLIPTokenizer``) run on the same weights and inputs.
@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.ports.sd.parity import assert_rel_close as _close
-
-torch = pytest.importorskip("torch")
-
 from ports.sd.clip import convert_state_dict
 from ports.sd.load import StableDiffusion, _fingerprint, load
 from ports.sd.tokenizer import class_ids, tokenize
+from tests.ports.sd.parity import assert_rel_close as _close
+
+torch = pytest.importorskip("torch")
 
 pytestmark = [
     # diffusers' PyTorch loaders, on these machines without accelerate/torchvision
@@ -51,9 +50,9 @@ def inputs():
 
 
 def _torch_unet(path, *, like_flax=False):
-    """diffusers' PyTorch UNet; ``like_flax`` reproduces the two numerical choices of diffusers' Flax
-    UNet (tanh-approximate GELU in GEGLU; GroupNorm eps 1e-5 in Transformer2D, PyTorch has 1e-6) so
-    that what remains is the weight conversion alone."""
+    """diffusers' PyTorch UNet; ``like_flax`` reproduces the two numerical choices of diffusers'
+    Flax UNet (tanh-approximate GELU in GEGLU; GroupNorm eps 1e-5 in Transformer2D, PyTorch
+    has 1e-6) so that what remains is the weight conversion alone."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
@@ -401,7 +400,7 @@ def test_flax_deprecation_message_is_silenced(capfd, model):
     assert not logging.getLogger("diffusers.models.attention_flax").filter(record)
 
 
-# ----------------------------------------------------------------------------------------- tokenizer
+# ---------------------------------------------------------------------------------------- tokenizer
 
 
 def test_tokenize_matches_transformers(tiny_sd_path):

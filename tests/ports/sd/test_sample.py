@@ -9,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.ports.sd.parity import assert_rel_close as _close
-
-torch = pytest.importorskip("torch")
-
 from jaxmask.maps import CaptureSpec
 from ports.sd import schedulers
 from ports.sd.load import load
 from ports.sd.sample import Sampler, initial_noise, to_uint8
 from ports.sd.tokenizer import tokenize
+from tests.ports.sd.parity import assert_rel_close as _close
 from tests.ports.sd.test_capture import MapRecorder, assert_maps_close, expected_maps
+
+torch = pytest.importorskip("torch")
 
 pytestmark = [
     # diffusers' PyTorch loaders, on these machines without accelerate/torchvision

@@ -1,15 +1,16 @@
 """A tiny random Stable Diffusion checkpoint in diffusers format, for tests.
 
-``make_tiny_sd(path)`` writes what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes for a
-real SD 1.x / 2.x model (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
+``make_tiny_sd(path)`` writes what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes for
+a real SD 1.x / 2.x model (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
 ``model_index.json``; weights as safetensors), only tiny: the UNet has cross-attention at two latent
-resolutions and in the mid block, the VAE downsamples by 4, the CLIP text encoder is 3 layers of width 32,
-and the tokenizer is a hand-made BPE vocabulary of printable ASCII characters plus a few whole words
-(``a photo of a cat``, ``dog``, ``red``, ``potted plant``), so prompts tokenize into several tokens and
-unknown words fall back to character tokens.
+resolutions and in the mid block, the VAE downsamples by 4, the CLIP text encoder is 3 layers of
+width 32, and the tokenizer is a hand-made BPE vocabulary of printable ASCII characters plus a few
+whole words (``a photo of a cat``, ``dog``, ``red``, ``potted plant``), so prompts tokenize into
+several tokens and unknown words fall back to character tokens.
 
-Every parameter is perturbed from PyTorch's default initialisation by seeded N(0, 0.02) noise, so layers
-that diffusers initialises to zero (``conv_out``, ``proj_out``) do not make parity tests vacuous.
+Every parameter is perturbed from PyTorch's default initialisation by seeded N(0, 0.02)
+noise, so layers that diffusers initialises to zero (``conv_out``, ``proj_out``) do not
+make parity tests vacuous.
 
 Needs torch (the ``test`` extra); it runs in about a second.
 """
@@ -48,9 +49,10 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False, three_levels: bool =
         first up-block layer at ``finest / 4`` (a valid diffusers config).
 
     Returns:
-      ``Path(path)``. The UNet takes 16x16x4 latents (``sample_size`` 16) and the VAE maps them to 64x64
-      images (scale factor 4); attention runs at latent sides 16 (down 0, up 1) and 8 (down 1, mid, up 0);
-      with ``three_levels`` at 16 (down 0, up 2), 8 (down 1, up 1) and 4 (mid only).
+      ``Path(path)``. The UNet takes 16x16x4 latents (``sample_size`` 16) and the VAE maps them
+      to 64x64 images (scale factor 4); attention runs at latent sides 16 (down 0, up 1)
+      and 8 (down 1, mid, up 0); with ``three_levels`` at 16 (down 0, up 2), 8 (down 1, up 1)
+      and 4 (mid only).
     """
     import torch
     from diffusers import (
@@ -87,7 +89,8 @@ def make_tiny_sd(path, *, seed: int = 0, sd2: bool = False, three_levels: bool =
         **levels,
         layers_per_block=1,
         cross_attention_dim=HIDDEN,
-        # diffusers' historical naming: for SD this is the number of heads (SD 1.x: 8, SD 2.x: 5/10/20/20).
+        # diffusers' historical naming: for SD this is the number of heads
+        # (SD 1.x: 8, SD 2.x: 5/10/20/20).
         attention_head_dim=(2, 4, 4)[: len(levels["block_out_channels"])] if sd2 else 2,
         use_linear_projection=sd2,
         norm_num_groups=32,

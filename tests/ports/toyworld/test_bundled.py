@@ -128,4 +128,4 @@ def test_masks_sit_on_the_named_colour(pipe):
         fg, bg = image[labels == 1].astype(np.float64), image[labels == 0].astype(np.float64)
         assert len(fg) and len(bg), (colour, "empty mask or no background")
         nearer.append(np.linalg.norm(fg.mean(0) - target) < np.linalg.norm(bg.mean(0) - target))
-    assert sum(nearer) >= 12, list(zip(named, nearer))  # chance is ~8 of 16
+    assert sum(nearer) >= 12, list(zip(named, nearer, strict=True))  # chance is ~8 of 16

@@ -4,7 +4,6 @@ there; the table must be complete, in range, and the same for the same seed)."""
 import json
 
 import jax
-
 import numpy as np
 import pytest
 

@@ -56,7 +56,7 @@ def test_ignored_pixels_have_no_effect():
 
     grad = jax.grad(segmenter.loss)
     got, want = grad(params, images, ignored, SMALL), jax.grad(by_hand)(params)
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
 
     # all ignored: zero loss, exactly zero gradient
@@ -74,12 +74,12 @@ def test_training_is_deterministic_and_save_load_round_trips(tmp_path):
     path = segmenter.save(tmp_path / "seg.msgpack", a, SMALL)
     loaded, cfg = segmenter.load(path)
     assert cfg == SMALL
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(loaded)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(loaded), strict=True):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(
         segmenter.predict(a, images, cfg=SMALL), segmenter.predict(loaded, images, cfg=cfg)
     )
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
