@@ -1,11 +1,11 @@
-"""Runtime shape checks (jaxtyping + beartype) for the core's tests.
+"""Runtime shape checks (jaxtyping + beartype) for the tests.
 
 pyproject's ``addopts`` installs jaxtyping's import hook on ``jaxmask``: every annotated function
 and dataclass of the core checks its arguments' types and shapes when called. The checks are on
-in ``tests/core`` only: the shell's tests hand the core batched ``AttentionMaps`` (a leading ``b``
-axis that the per-item annotations of ``jaxmask/maps.py`` do not have), and the doctests show the
-core's own errors. A test marked ``@pytest.mark.unchecked(reason)`` runs without them, e.g. one
-that asserts the core's own error message for an input the annotations already reject.
+in every test under ``tests/`` (the shell's tests hand the core stacked ``AttentionMaps``, which
+the ``*b`` axes of ``jaxmask/maps.py`` allow) and off in the doctests, which show the core's own
+errors. A test marked ``@pytest.mark.unchecked(reason)`` runs without them, e.g. one that
+asserts the core's own error message for an input the annotations already reject.
 ``JAXTYPING_DISABLE=1`` turns them off everywhere.
 """
 
@@ -31,7 +31,7 @@ def _shape_checks(request):
     import jaxtyping
 
     path = str(request.node.path).replace(os.sep, "/")
-    on = "/tests/core/" in path and request.node.get_closest_marker("unchecked") is None
+    on = "/tests/" in path and request.node.get_closest_marker("unchecked") is None
     jaxtyping.config.update("jaxtyping_disable", _ASKED_OFF or not on)
     try:
         yield

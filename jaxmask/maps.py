@@ -12,6 +12,7 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 SelfLayers = Literal["mean", "first_up"]
@@ -191,8 +192,9 @@ class AttentionMaps:
         many heads each side has; ``None`` when unknown (``Layout(resolutions)``).
     """
 
-    cross: dict[int, Float[Array, "*b l r r t"]]  # *b: stacked (vmapped) maps
-    self_attn: dict[int, Float[Array, "*b n n"]]
+    # *b: stacked (vmapped) maps; numpy arrays: maps fetched to the host (``return_maps``)
+    cross: dict[int, Float[Array | np.ndarray, "*b l r r t"]]
+    self_attn: dict[int, Float[Array | np.ndarray, "*b n n"]]
     self_layers: str = flax.struct.field(pytree_node=False, default="mean")
     resolutions: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     layout: Layout | None = flax.struct.field(pytree_node=False, default=None)

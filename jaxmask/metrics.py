@@ -6,7 +6,7 @@ then IoU per class and the mean over classes; not a mean of per-image mIoUs.
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, Integer
+from jaxtyping import Array, Bool, Float, Int, Integer, Real
 
 
 def confusion_matrix(
@@ -55,12 +55,13 @@ def confusion_matrix(
     return counts.reshape(num_classes, num_classes)
 
 
-def iou(conf: Int[Array, "k k"]) -> tuple[Float[Array, " k"], Bool[Array, " k"]]:
+def iou(conf: Real[Array, "k k"]) -> tuple[Float[Array, " k"], Bool[Array, " k"]]:
     """Per-class intersection over union, and which classes are present.
 
     ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)`` with ``TP_c = conf[c, c]``, ``GT_c`` the row sum
-    and ``Pred_c`` the column sum. A class is present when its union is > 0; absent classes get
-    IoU 0 (never NaN) and ``present = False``.
+    and ``Pred_c`` the column sum. ``conf`` holds counts, as ints or as floats (float32 counts
+    exactly to 2**24 and past int32's range, for a dataset's worth of pixels). A class is
+    present when its union is > 0; absent classes get IoU 0 (never NaN) and ``present = False``.
 
     >>> values, present = iou(jnp.array([[3, 1], [0, 0]]))
     >>> values.tolist(), present.tolist()
@@ -76,7 +77,7 @@ def iou(conf: Int[Array, "k k"]) -> tuple[Float[Array, " k"], Bool[Array, " k"]]
     return jnp.where(present, tp / jnp.maximum(union, 1.0), 0.0), present
 
 
-def mean_iou(conf: Int[Array, "k k"]) -> Float[Array, ""]:
+def mean_iou(conf: Real[Array, "k k"]) -> Float[Array, ""]:
     """Mean of ``iou`` over the present classes (union > 0); 0 when none is present.
 
     .. warning::

@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+#: A prompt's token ids on the host: a list, or a row of the tokenizer's numpy output.
+TokenIds = Sequence[int] | Int[np.ndarray, " t"]
 
-def token_positions(prompt_ids: Sequence[int], class_ids: Sequence[int]) -> list[int]:
+
+def token_positions(prompt_ids: TokenIds, class_ids: Sequence[int]) -> list[int]:
     """Positions in ``prompt_ids`` covered by every occurrence of ``class_ids`` (host side).
 
     Args:
@@ -39,7 +42,7 @@ def token_positions(prompt_ids: Sequence[int], class_ids: Sequence[int]) -> list
 
 
 def class_token_weights(
-    prompt_ids: Sequence[int], classes: Sequence[Sequence[int]], names: Sequence[str] | None = None
+    prompt_ids: TokenIds, classes: Sequence[Sequence[int]], names: Sequence[str] | None = None
 ) -> Float[np.ndarray, "k t"]:
     """Averaging weights ``(k, t)``: row ``c`` is ``1/|P_c|`` on class ``c``'s positions ``P_c``.
 

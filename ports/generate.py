@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxmask
@@ -450,7 +451,9 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                     "versions": versions,
                 }
                 if cfg.min_confidence is not None:
-                    confidence = jaxmask.mask_confidence(result.soft_masks[j], result.label_maps[j])
+                    confidence = jaxmask.mask_confidence(
+                        jnp.asarray(result.soft_masks[j]), jnp.asarray(result.label_maps[j])
+                    )
                     record["mask_stats"]["confidence"] = {
                         str(i): round(float(c), 6)
                         for i, c in zip(class_ids_, confidence, strict=True)
