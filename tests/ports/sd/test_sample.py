@@ -101,41 +101,37 @@ def sampler1(sd1):
     return Sampler(sd1)
 
 
-@pytest.fixture(scope="module")
-def ddim_runs(tiny_sd2_path):
-    """DDIM on the SD 2.x tiny model (linear projections, per-block heads): ours and PyTorch's."""
-    sd = load(tiny_sd2_path)
-    ours = Sampler(sd)(
+def _runs(path, sd, sampler, scheduler, spec=None):
+    """Ours and PyTorch's sampling of the model at ``path`` with ``scheduler`` from the same noise;
+    maps captured (and recorded on the PyTorch side) where ``spec`` is given."""
+    capture = {} if spec is None else {"spec": spec}
+    ours = sampler(
         *_ids(sd),
         jax.random.key(SEED),
         steps=STEPS,
         guidance=GUIDANCE,
-        scheduler="ddim",
-        spec=SPEC_DDIM,
+        scheduler=scheduler,
+        **capture,
     )
-    return ours, _torch_run(tiny_sd2_path, "ddim", _noise(sd))
+    return ours, _torch_run(path, scheduler, _noise(sd), record=spec is not None)
+
+
+@pytest.fixture(scope="module")
+def ddim_runs(tiny_sd2_path):
+    """DDIM on the SD 2.x tiny model (linear projections, per-block heads): ours and PyTorch's."""
+    sd = load(tiny_sd2_path)
+    return _runs(tiny_sd2_path, sd, Sampler(sd), "ddim", SPEC_DDIM)
 
 
 @pytest.fixture(scope="module")
 def pndm_runs(tiny_sd_path, sd1, sampler1):
-    ours = sampler1(
-        *_ids(sd1),
-        jax.random.key(SEED),
-        steps=STEPS,
-        guidance=GUIDANCE,
-        scheduler="pndm",
-        spec=SPEC_PNDM,
-    )
-    return ours, _torch_run(tiny_sd_path, "pndm", _noise(sd1))
+    return _runs(tiny_sd_path, sd1, sampler1, "pndm", SPEC_PNDM)
 
 
 @pytest.fixture(scope="module")
 def dpm_runs(tiny_sd_path, sd1, sampler1):
     """DPM-Solver++ (2nd order) without capture; its step maths is also checked, fast, below."""
-    ours = sampler1(
-        *_ids(sd1), jax.random.key(SEED), steps=STEPS, guidance=GUIDANCE, scheduler="dpm++"
-    )
-    return ours, _torch_run(tiny_sd_path, "dpm++", _noise(sd1), record=False)
+    return _runs(tiny_sd_path, sd1, sampler1, "dpm++")
 
 
 @pytest.mark.parametrize(
