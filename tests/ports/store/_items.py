@@ -70,6 +70,17 @@ def run(out, fmt: str, total: int, merge: bool = True):
     return dataset
 
 
+def stopped(tmp_path, fmt: str, total: int, indices):
+    """A whole run in ``tmp_path / "reference"`` and, in ``tmp_path / "ds"``, one that wrote only
+    ``indices`` and stopped: ``(reference, out, dataset)``."""
+    reference = tmp_path / "reference"
+    run(reference, fmt, total)
+    out = tmp_path / "ds"
+    dataset = open_dataset(out, config(fmt, total))
+    write_items(dataset, indices)
+    return reference, out, dataset
+
+
 def snapshot(folder) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too), by relative path, with its bytes."""
     folder = Path(folder)

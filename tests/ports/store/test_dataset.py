@@ -227,17 +227,13 @@ def test_resume_with_another_process_count_finishes_the_same_dataset(tmp_path):
 
 def test_merge_after_resume_after_merge(tmp_path):
     total = 6
-    single = tmp_path / "single"
-    _items.run(single, "voc", total)
-    out = tmp_path / "ds"
-    dataset = open_dataset(out, _items.config("voc", total))
-    _items.write_items(dataset, [0, 1, 2])
+    reference, out, dataset = _items.stopped(tmp_path, "voc", total, [0, 1, 2])
     merge_manifests(out)
     dataset = open_dataset(out, _items.config("voc", total))
     assert dataset.done == {0, 1, 2}
     _items.write_items(dataset, dataset.todo(total))
     merge_manifests(out)
-    assert snapshot(out) == snapshot(single)
+    assert snapshot(out) == snapshot(reference)
 
 
 def test_merge_refuses_a_folder_without_run_config(tmp_path):

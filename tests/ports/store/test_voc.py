@@ -145,11 +145,7 @@ def test_bad_items_raise_and_write_nothing(tmp_path, change, message):
     "failing", ["JPEGImages", "SegmentationClass", "SoftMasks", "manifest-00000"]
 )
 def test_full_disk_mid_item_leaves_nothing_half_written(tmp_path, monkeypatch, failing):
-    reference = tmp_path / "reference"
-    _items.run(reference, "voc", 4)
-    out = tmp_path / "ds"
-    dataset = open_dataset(out, _items.config("voc", 4))
-    _items.write_items(dataset, [0, 1])
+    reference, out, dataset = _items.stopped(tmp_path, "voc", 4, [0, 1])
     before = snapshot(out)
     image, label_map, record, soft_masks = make_item(2)
     with dataset.writer(ID2LABEL) as writer:

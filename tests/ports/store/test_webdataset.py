@@ -64,11 +64,8 @@ def test_maxsize_closes_shards_early(tmp_path):
 
 def test_resume_deletes_incomplete_shards_and_finishes_identically(tmp_path):
     total = 14
-    reference = tmp_path / "reference"
-    _items.run(reference, "webdataset", total)
-    out = tmp_path / "ds"
-    dataset = open_dataset(out, _items.config("webdataset", total))
-    _items.write_items(dataset, range(12))  # shards 0, 1, 2 (full); nothing partial
+    # shards 0, 1, 2 (full); nothing partial
+    reference, out, dataset = _items.stopped(tmp_path, "webdataset", total, range(12))
     lines = (out / "manifest-00000.jsonl").read_bytes().splitlines(keepends=True)
     # killed after renaming shard 2 and appending two of its four lines, the second one torn
     (out / "manifest-00000.jsonl").write_bytes(b"".join(lines[:9]) + lines[9][:25])
