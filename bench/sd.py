@@ -72,76 +72,65 @@ class ModelConfig:
     batches: tuple[int, ...]  # default batch sweep
 
 
+def sd_unet(side: int, channels: tuple, layers: int, context: int, heads: tuple, attention: int):
+    """Keyword arguments of an SD-style ``FlaxUNet2DConditionModel`` on ``side`` px latents: cross
+    attention in the first ``attention`` of ``len(channels)`` levels (mirrored on the way up)."""
+    plain = len(channels) - attention
+    return {
+        "sample_size": side,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * attention + ("DownBlock2D",) * plain,
+        "up_block_types": ("UpBlock2D",) * plain + ("CrossAttnUpBlock2D",) * attention,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "cross_attention_dim": context,
+        "attention_head_dim": heads,  # diffusers' name for the head counts
+        "use_linear_projection": True,
+    }
+
+
+def sd_vae(side: int, channels: tuple, layers: int):
+    """Keyword arguments of an SD-style ``FlaxAutoencoderKL`` on ``side`` px images."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ("DownEncoderBlock2D",) * len(channels),
+        "up_block_types": ("UpDecoderBlock2D",) * len(channels),
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "sample_size": side,
+    }
+
+
+def sd_text(width: int, hidden: int, layers: int, heads: int) -> CLIPTextConfig:
+    """An SD-style CLIP text encoder (CLIP's vocabulary, 77 tokens, GELU) of ``width``."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+
+
 CONFIGS = {
     "sd2-base": ModelConfig(
-        unet={
-            "sample_size": 64,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "layers_per_block": 2,
-            "cross_attention_dim": 1024,
-            "attention_head_dim": (5, 10, 20, 20),  # diffusers' name for the head counts
-            "use_linear_projection": True,
-        },
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "latent_channels": 4,
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "sample_size": 512,
-        },
-        text=CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
+        unet=sd_unet(64, (320, 640, 1280, 1280), 2, 1024, (5, 10, 20, 20), attention=3),
+        vae=sd_vae(512, (128, 256, 512, 512), 2),
+        text=sd_text(1024, 4096, 23, 16),
         steps=50,
         batches=(1, 8, 16),
     ),
     # Like tests/ports/sd/tiny.py's SD 2.x model, with a third level so that every method finds
     # its sides (attention at 16/8/4 = SD's 64/32/16 pattern): 64 px, latent 16x16, VAE factor 4.
     "tiny": ModelConfig(
-        unet={
-            "sample_size": 16,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3,
-            "up_block_types": ("CrossAttnUpBlock2D",) * 3,
-            "block_out_channels": (32, 32, 64),
-            "layers_per_block": 1,
-            "cross_attention_dim": 32,
-            "attention_head_dim": (2, 2, 4),
-            "use_linear_projection": True,
-        },
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "latent_channels": 4,
-            "down_block_types": ("DownEncoderBlock2D",) * 3,
-            "up_block_types": ("UpDecoderBlock2D",) * 3,
-            "block_out_channels": (32, 32, 64),
-            "layers_per_block": 1,
-            "sample_size": 64,
-        },
-        text=CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
+        unet=sd_unet(16, (32, 32, 64), 1, 32, (2, 2, 4), attention=3),
+        vae=sd_vae(64, (32, 32, 64), 1),
+        text=sd_text(32, 64, 3, 4),
         steps=4,
         batches=(1, 2),
     ),
