@@ -15,7 +15,6 @@ from ports import api
 pytest.importorskip("torch")  # the tiny checkpoint is written with PyTorch
 
 pytestmark = [
-    pytest.mark.xdist_group("test_api"),  # its module pipelines are built once, not per worker
     # diffusers' PyTorch loaders, on these machines without accelerate/torchvision
     pytest.mark.filterwarnings("ignore::UserWarning:diffusers.*"),
     pytest.mark.filterwarnings("ignore::UserWarning:transformers.*"),

@@ -11,10 +11,6 @@ from ports.toyworld import quality, scenes
 
 # The tiny UNet attends at sides 16 and 8 only: the methods' default sides (finest / 4) are not
 # there, so the overrides pick 8 (the bundled toy model, 16/8/4, needs none).
-# one worker runs the module (`-n 2 --dist loadgroup`): the shrunk measurement, ~1.5 min, is
-# made once, not once per worker
-pytestmark = pytest.mark.xdist_group("test_quality")
-
 OVERRIDES = {
     "ca_sa": {"cross_resolution": 8},
     "seediff-paper": {"seed_resolution": 8},

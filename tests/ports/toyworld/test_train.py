@@ -14,10 +14,6 @@ import pytest
 
 from ports.toyworld import train
 
-# one worker runs the module (`-n 2 --dist loadgroup`): the smoke training, ~1.5 min, is made
-# once, not once per worker
-pytestmark = pytest.mark.xdist_group("test_train")
-
 
 def test_schedule_is_stable_diffusions():
     from diffusers import DDIMScheduler
