@@ -257,6 +257,17 @@ class Pipeline:
         if capture:
             specs = [dataclasses.replace(spec, **capture) for spec in specs]
         merged, where = merge_specs(specs)
+        # Before sampling: a class the prompt does not name is refused without a batch's work.
+        weights = None
+        if classes is not None:
+            weights = jnp.asarray(
+                np.stack(
+                    [
+                        _token_weights(tokenizer, class_ids, ids[i], prompts[i], tuple(names))
+                        for i, names in enumerate(classes)
+                    ]
+                )
+            )
         samples = self.sampler(
             ids,
             tokenize(tokenizer, negatives),
@@ -273,14 +284,6 @@ class Pipeline:
         maps = (samples.maps,) if len(merged) == 1 else tuple(samples.maps) if merged else ()
         masks = ()
         if classes is not None:
-            weights = jnp.asarray(
-                np.stack(
-                    [
-                        _token_weights(tokenizer, class_ids, ids[i], prompts[i], tuple(names))
-                        for i, names in enumerate(classes)
-                    ]
-                )
-            )
             for m in maps:
                 check_maps(m)
             masks = tuple(

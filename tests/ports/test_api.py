@@ -135,6 +135,23 @@ def test_errors(pipe):
     assert pipe.sampler.cache_size() == compiled  # every error is raised before sampling
 
 
+def test_a_class_the_prompt_lacks_is_refused_before_sampling(pipe):
+    """Holds in any test order: the cache-size check above cannot see work whose program an
+    earlier test compiled, so here the sampler itself refuses to run."""
+
+    class Refuses:
+        def __getattr__(self, name):
+            return getattr(pipe.sampler, name)
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("sampled before the classes were checked")
+
+    refusing = api.Pipeline(pipe.sd)
+    refusing.sampler = Refuses()
+    with pytest.raises(ValueError, match=r"'cat' does not occur"):
+        refusing.generate(PROMPTS, 0, classes="cat", method=METHOD, steps=STEPS)
+
+
 # --- every method's default on every UNet ``load`` accepts ------------------------------------
 
 
