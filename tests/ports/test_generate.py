@@ -317,58 +317,7 @@ def test_preview_writes_a_contact_sheet(reference, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # 4. bad input: exit code 2, a message that says what to do, nothing written
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text(json.dumps({"prompt": "a photo of a kitten", "classes": ["cat"]}) + "\n")
-    return path
-
-
-BAD_INPUTS = {
-    # name: (arguments replacing / added to the good ones, words the message must hold)
-    "coco preset": (["--classes", "coco"], ["preset", "voc"]),
-    "template without {class}": (["--template", "a photo"], ["{class}", "e.g."]),
-    "zero per class": (["-n", "0"], ["at least 1"]),
-    "unknown method": (["--method", "maskclip"], ["seediff-code", "ca"]),
-    "param without =": (["--param", "beta"], ["NAME=VALUE"]),
-    "unknown param": (["--param", "gamma=1"], ["gamma", "beta"]),
-    "param of the wrong type": (["--param", "beta=abc"], ["--param beta=abc", "finite number"]),
-    "param the model cannot take": (["--param", "seed_resolution=32"], ["32", "16"]),
-    "size the UNet cannot take": (["--size", "50"], ["multiple of", "64"]),
-    "model folder missing": (["--model", "/nonexistent/sd"], ["/nonexistent/sd", "Hub id"]),
-    "prompt without its class word": (["--prompts", "PROMPTS"], ["kitten", "cat"]),
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(  # --param hands the config the raw str: its own message, not jaxtyping's
-            c, marks=pytest.mark.unchecked("the method config's message for a str")
-        )
-        if c == "param of the wrong type"
-        else c
-        for c in BAD_INPUTS
-    ],
-)
-def test_bad_input_exits_2_and_writes_nothing(case, tiny_sd_path, prompt_file, tmp_path):
-    changes, words = BAD_INPUTS[case]
-    out = tmp_path / "out"
-    args = generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH)
-    for flag, value in zip(changes[::2], changes[1::2], strict=True):
-        if flag in args and flag != "--param":
-            at = args.index(flag)
-            del args[at : at + 2]
-        if value is not None:
-            args += [flag, str(prompt_file) if value == "PROMPTS" else value]
-    code, output = invoke(*args)
-    assert code == 2, output
-    assert "error:" in output and "Traceback" not in output, output
-    for word in words:
-        assert word in output, (word, output)
-    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+# (flags and prompts files a run refuses up front: the cases of tests/ports/test_refusals.py)
 
 
 def test_folder_made_with_another_config_is_refused(reference, tiny_sd_path):

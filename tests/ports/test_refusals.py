@@ -60,6 +60,16 @@ GENERATE_CASES = {
     "beta=nan": (["--param", "beta=nan"], ["--param beta=nan", "finite number"]),
     "beta=true": (["--param", "beta=true"], ["--param beta=true", "finite number"]),
     "seed_rule=nosuch": (["--param", "seed_rule=nosuch"], ["seed_rule", "otsu_squared"]),
+    "beta=abc": (["--param", "beta=abc"], ["--param beta=abc", "finite number"]),
+    "param without =": (["--param", "beta"], ["NAME=VALUE"]),
+    "unknown param": (["--param", "gamma=1"], ["gamma", "beta"]),
+    "param the model cannot take": (["--param", "seed_resolution=32"], ["32", "16"]),
+    "unknown method": (["--method", "maskclip"], ["seediff-code", "ca"]),
+    "coco preset": (["--classes", "coco"], ["preset", "voc"]),
+    "template without {class}": (["--template", "a photo"], ["{class}", "e.g."]),
+    "zero per class": (["-n", "0"], ["at least 1"]),
+    "size the UNet cannot take": (["--size", "50"], ["multiple of", "64"]),
+    "model folder missing": (["--model", "/nonexistent/sd"], ["/nonexistent/sd", "Hub id"]),
     "prompts: classes a string": (
         {"prompt": "a photo of a cat", "classes": "cat"},
         ["'classes' must be a non-empty list", ":1:"],
@@ -75,6 +85,10 @@ GENERATE_CASES = {
         {"prompt": "a photo of cats", "classes": ["cat"]},
         ["a photo of cats", "'cat' does not occur"],
     ),
+    "prompts: class word missing (kitten for cat)": (
+        {"prompt": "a photo of a kitten", "classes": ["cat"]},
+        ["kitten", "cat"],
+    ),
 }
 
 
@@ -86,7 +100,9 @@ _RAW_STRING = pytest.mark.unchecked("the method config's own message for a str w
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(c, marks=_RAW_STRING) if c in ("beta=nan", "seed_rule=nosuch") else c
+        pytest.param(c, marks=_RAW_STRING)
+        if c in ("beta=nan", "beta=abc", "seed_rule=nosuch")
+        else c
         for c in GENERATE_CASES
     ],
 )
