@@ -68,7 +68,10 @@ def test_vae_reconstructs_world_scenes(pipe):
     images, _ = _real(8)
     z, _ = train.encode_dataset(sd.vae, sd.vae_params, jnp.asarray(images))  # posterior mean
     assert z.shape == (8, 4, 16, 16)
-    recon = sd.vae.apply({"params": sd.vae_params}, z, method=sd.vae.decode)
+    # jitted: eager Flax modules compile every op on its own (minutes on the 2-core CPU)
+    recon = jax.jit(lambda p, z: sd.vae.apply({"params": p}, z, method=sd.vae.decode))(
+        sd.vae_params, z
+    )
     recon = (jnp.clip(recon.sample, -1, 1) + 1) * 127.5
     error = float(jnp.abs(recon.transpose(0, 2, 3, 1) - images).mean())
     assert error < 45.0, error  # grey levels; a constant-grey guess is ~90
@@ -83,17 +86,14 @@ def test_unet_denoises_real_latents_and_listens_to_the_caption(pipe):
     images, captions = _real(8)
     z0, _ = train.encode_dataset(sd.vae, sd.vae_params, jnp.asarray(images))
     z0 = z0 * json.loads((MODEL / "vae" / "config.json").read_text())["scaling_factor"]
-    text = sd.text_encoder.apply(
-        {"params": sd.text_params}, jnp.asarray(tokenize(sd.tokenizer, captions))
-    )
-    empty = sd.text_encoder.apply(
-        {"params": sd.text_params}, jnp.asarray(tokenize(sd.tokenizer, [""] * 8))
-    )
+    encode = jax.jit(lambda ids: sd.text_encoder.apply({"params": sd.text_params}, ids))
+    text = encode(jnp.asarray(tokenize(sd.tokenizer, captions)))
+    empty = encode(jnp.asarray(tokenize(sd.tokenizer, [""] * 8)))
     noise = jax.random.normal(jax.random.key(0), z0.shape)
     a = train.alphas_cumprod()[400]
     noisy, t = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise, jnp.full((8,), 400)
-    cond = sd.unet.apply({"params": sd.unet_params}, noisy, t, text).sample
-    uncond = sd.unet.apply({"params": sd.unet_params}, noisy, t, empty).sample
+    unet = jax.jit(lambda ctx: sd.unet.apply({"params": sd.unet_params}, noisy, t, ctx).sample)
+    cond, uncond = unet(text), unet(empty)
     assert float(jnp.mean((cond - noise) ** 2)) < 0.3
     assert float(jnp.mean((cond - noise) ** 2)) < float(jnp.mean((uncond - noise) ** 2))
     assert float(jnp.sqrt(jnp.mean((cond - uncond) ** 2))) > 0.01  # the caption changes it

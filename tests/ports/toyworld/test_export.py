@@ -100,14 +100,17 @@ def test_pytorch_diffusers_reads_the_folder_to_the_same_outputs(exported):
     ctx = rng.standard_normal((2, 77, CFG.text_width)).astype(np.float32)
     t = np.array([10, 700])
     want = pt_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
-    got = unet.apply({"params": params["unet"]}, x, jnp.asarray(t), ctx).sample
+    # jitted: eager Flax modules compile every op on its own (minutes on the 2-core CPU)
+    got = jax.jit(lambda *a: unet.apply({"params": params["unet"]}, *a).sample)(
+        x, jnp.asarray(t), ctx
+    )
     assert_rel_close(got, want.detach().numpy(), 2e-4)  # Flax's tanh-GELU vs PyTorch's erf
 
     pt_vae, info = AutoencoderKL.from_pretrained(folder / "vae", output_loading_info=True, **QUIET)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     z = rng.standard_normal((1, 4, side, side)).astype(np.float32)
     want = pt_vae.decode(torch.from_numpy(z)).sample.detach().numpy()
-    got = vae.apply({"params": params["vae"]}, z, method=vae.decode).sample
+    got = jax.jit(lambda z: vae.apply({"params": params["vae"]}, z, method=vae.decode).sample)(z)
     assert_rel_close(got, want, 1e-4)
     assert pt_vae.config.scaling_factor == pytest.approx(0.7)
 
@@ -122,5 +125,5 @@ def test_pytorch_diffusers_reads_the_folder_to_the_same_outputs(exported):
     for word in scenes.CLASSES:  # class words are whole tokens (their cross-attention is one map)
         assert tokenizer.tokenize(word) == [word + "</w>"], word
     want = pt_text(torch.tensor(ids)).last_hidden_state.detach().numpy()
-    got = text.apply({"params": params["text"]}, jnp.asarray(ids))
+    got = jax.jit(lambda ids: text.apply({"params": params["text"]}, ids))(jnp.asarray(ids))
     assert_rel_close(got, want, 1e-4)
