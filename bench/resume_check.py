@@ -9,13 +9,17 @@ for a warm page cache (the files were just written); a cold disk adds its read t
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
-from ports.scale.hosts import SEED_RULE
-from ports.store import mask_stats, open_dataset, verify
+from ports.store import open_dataset, verify
+from tests.ports.store._items import one_class_record  # the store tests' record
 
 ID2LABEL = {0: "background", 1: "cat"}
 
@@ -28,21 +32,14 @@ def item(index: int, size: int):
     image = (127 + 120 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + phase)).astype(np.uint8)
     cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
     label = (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2).astype(np.uint8)
-    record = {
-        "prompt": "a photo of a cat",
-        "negative_prompt": "",
-        "classes": [{"id": 1, "name": "cat", "token_positions": [5]}],
-        "seed": {"rule": SEED_RULE, "value": 0},
-        "method": {"name": "seediff-code", "params": {}},
-        "model": {"id": "bench", "fingerprint": "sha256:0"},
-        "scheduler": "ddim",
-        "steps": 50,
-        "guidance": 7.5,
-        "size": [size, size],
-        "dtype": "float32",
-        "mask_stats": mask_stats(label, [0, 1]),
-        "versions": {},
-    }
+    record = one_class_record(
+        label,
+        ID2LABEL,
+        method={"name": "seediff-code", "params": {}},
+        model={"id": "bench", "fingerprint": "sha256:0"},
+        steps=50,
+        versions={},
+    )
     return image, label, record
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from jaxmask.augment import AugmentConfig
 from ports.augment import augment_dataset, open_source
-from ports.scale.hosts import SEED_RULE
 from ports.store import StoreError, mask_stats, open_dataset, read_manifest
+from tests.ports.store._items import one_class_record
 
 ID2LABEL = {0: "background", 1: "cat", 2: "dog"}
 SIDE = 32
@@ -50,22 +50,14 @@ def source_label(index: int) -> np.ndarray:
 
 
 def source_record(index: int, label: np.ndarray) -> dict:
-    name = ID2LABEL[1 + index % 2]
-    return {
-        "prompt": f"a photo of a {name}, number {index}",
-        "negative_prompt": "",
-        "classes": [{"id": 1 + index % 2, "name": name, "token_positions": [5]}],
-        "seed": {"rule": SEED_RULE, "value": [0, index]},
-        "method": {"name": "seediff", "params": {}},
-        "model": {"id": "toy", "fingerprint": "sha256:0"},
-        "scheduler": "ddim",
-        "steps": 4,
-        "guidance": 7.5,
-        "size": [SIDE, SIDE],
-        "dtype": "float32",
-        "mask_stats": mask_stats(label, ID2LABEL),
-        "versions": {"jax": "test"},
-    }
+    class_id = 1 + index % 2
+    return one_class_record(
+        label,
+        ID2LABEL,
+        class_id,
+        seed_value=[0, index],
+        prompt=f"a photo of a {ID2LABEL[class_id]}, number {index}",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,46 @@ SIZE = (12, 16)
 MAXCOUNT = 4  # WebDataset items per shard in these tests
 
 
-def make_record(global_index: int, label_map, seed_value=None) -> dict:
-    """A complete manifest record for an item; no wall time, so equal items give equal lines."""
-    return {
-        "prompt": f"a photo of a cat and a dog, number {global_index}",
-        "negative_prompt": "blurry",
-        "classes": [
-            {"id": 1, "name": "cat", "token_positions": [5]},
-            {"id": 2, "name": "dog", "token_positions": [8]},
-        ],
-        "seed": {"rule": SEED_RULE, "value": global_index if seed_value is None else seed_value},
-        "method": {"name": "seediff", "params": {"resolutions": [16, 32], "tau": 0.4}},
-        "model": {"id": "toy", "fingerprint": "sha256:0123"},
+def one_class_record(label_map, id2label, class_id: int = 1, seed_value=0, **fields) -> dict:
+    """A complete manifest record (keys in ``REQUIRED_KEYS`` order) for an item whose prompt
+    names class ``class_id`` at token 5; ``fields`` replace top-level values. No wall time, so
+    equal items give equal lines."""
+    name = id2label[class_id]
+    record = {
+        "prompt": f"a photo of a {name}",
+        "negative_prompt": "",
+        "classes": [{"id": class_id, "name": name, "token_positions": [5]}],
+        "seed": {"rule": SEED_RULE, "value": seed_value},
+        "method": {"name": "seediff", "params": {}},
+        "model": {"id": "toy", "fingerprint": "sha256:0"},
         "scheduler": "ddim",
         "steps": 4,
         "guidance": 7.5,
-        "size": list(SIZE),
+        "size": list(np.shape(label_map)),
         "dtype": "float32",
-        "mask_stats": mask_stats(label_map, ID2LABEL),
+        "mask_stats": mask_stats(label_map, id2label),
         "versions": {"jax": "test"},
     }
+    return record | fields
+
+
+def make_record(global_index: int, label_map, seed_value=None) -> dict:
+    """A complete manifest record for an item: a cat and a dog, method parameters and a negative
+    prompt, so every nested field holds something."""
+    return one_class_record(
+        label_map,
+        ID2LABEL,
+        seed_value=global_index if seed_value is None else seed_value,
+        prompt=f"a photo of a cat and a dog, number {global_index}",
+        negative_prompt="blurry",
+        classes=[
+            {"id": 1, "name": "cat", "token_positions": [5]},
+            {"id": 2, "name": "dog", "token_positions": [8]},
+        ],
+        method={"name": "seediff", "params": {"resolutions": [16, 32], "tau": 0.4}},
+        model={"id": "toy", "fingerprint": "sha256:0123"},
+        size=list(SIZE),
+    )
 
 
 def make_item(global_index: int):
