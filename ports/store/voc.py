@@ -214,20 +214,18 @@ def item_payload(
 
 
 # ---------------------------------------------------------------------------------------------
-# The writer
+# The writers
 
 
-class VocWriter:
-    """Writes items into a VOC-layout folder for one process.
+class ItemWriter:
+    """What the writers of both formats share: the checked ``id2label`` (written by process 0),
+    this process's manifest, and the lines of items a quality filter dropped.
 
-    Use after ``ports.store.open_dataset`` (which creates or resumes the folder), for the global
-    indices ``Dataset.todo(total)`` returns; call ``ports.store.merge_manifests`` on process 0 once
-    every process is done.
-
-    >>> with VocWriter(out, {0: "background", 1: "cat"}) as writer:     # doctest: +SKIP
-    ...     writer.write(7, image, label_map, record)
-    '00000007'
+    A subclass names in ``folders`` what to create before anything is written and adds
+    ``write(global_index, image, label_map, record, soft_masks=None) -> str``.
     """
+
+    folders: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -239,13 +237,45 @@ class VocWriter:
     ):
         self.out = Path(out)
         self.id2label = check_id2label(id2label)
+        self.process_index = process_index
         self.jpeg_quality = int(jpeg_quality)
         self._valid = valid_labels(self.id2label)
-        for folder in (IMAGES, LABELS):
+        for folder in self.folders:
             atomic.make_folder(self.out / folder)
         if process_index == 0:
             write_id2label(self.out, self.id2label)
         self._manifest = ManifestWriter(self.out / manifest_name(process_index))
+
+    def skip(self, global_index: int, record: Mapping, reason: str) -> str:
+        """Record an item a quality filter dropped: its manifest line with ``reason``, no files
+        (written at once: in WebDataset it waits for no shard)."""
+        record = skipped_record(record, int(global_index), reason)
+        self._manifest.append([record])
+        return record["id"]
+
+    def close(self) -> None:
+        self._manifest.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class VocWriter(ItemWriter):
+    """Writes items into a VOC-layout folder for one process.
+
+    Use after ``ports.store.open_dataset`` (which creates or resumes the folder), for the global
+    indices ``Dataset.todo(total)`` returns; call ``ports.store.merge_manifests`` on process 0 once
+    every process is done.
+
+    >>> with VocWriter(out, {0: "background", 1: "cat"}) as writer:     # doctest: +SKIP
+    ...     writer.write(7, image, label_map, record)
+    '00000007'
+    """
+
+    folders = (IMAGES, LABELS)
 
     def write(self, global_index: int, image, label_map, record: Mapping, soft_masks=None) -> str:
         """Write one item: image, label map, optional soft masks, then its manifest line.
@@ -287,21 +317,6 @@ class VocWriter:
                 atomic.remove_quietly(path)
             raise
         return record["id"]
-
-    def skip(self, global_index: int, record: Mapping, reason: str) -> str:
-        """Record an item a quality filter dropped: its manifest line with ``reason``, no files."""
-        record = skipped_record(record, int(global_index), reason)
-        self._manifest.append([record])
-        return record["id"]
-
-    def close(self) -> None:
-        self._manifest.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------

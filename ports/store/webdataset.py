@@ -32,13 +32,10 @@ import numpy as np
 from ports.store import atomic, voc
 from ports.store.records import (
     SHARD_PATTERN,
-    ManifestWriter,
     clean_temps,
     encode_record,
     file_owner,
     is_filtered,
-    manifest_name,
-    skipped_record,
 )
 
 #: The member key of the class-id label map: ``sample["label.npz"]["label"]`` after
@@ -67,7 +64,7 @@ class _FdFile:
         return self.position
 
 
-class ShardWriter:
+class ShardWriter(voc.ItemWriter):
     """Writes items into WebDataset tar shards for one process.
 
     Use after ``ports.store.open_dataset`` (``run_config["format"] == "webdataset"``), for the
@@ -83,6 +80,8 @@ class ShardWriter:
       jpeg_quality: JPEG quality of the images.
     """
 
+    folders = ("",)  # the dataset folder itself: the shards lie at its top
+
     def __init__(
         self,
         out: str | os.PathLike,
@@ -95,23 +94,15 @@ class ShardWriter:
     ):
         if maxcount < 1:
             raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-        self.out = Path(out)
-        self.id2label = voc.check_id2label(id2label)
-        self.process_index = process_index
+        super().__init__(out, id2label, process_index=process_index, jpeg_quality=jpeg_quality)
         self.maxcount = maxcount
         self.maxsize = maxsize
-        self.jpeg_quality = int(jpeg_quality)
-        self._valid = voc.valid_labels(self.id2label)
-        atomic.make_folder(self.out)
-        if process_index == 0:
-            voc.write_id2label(self.out, self.id2label)
         numbers = [
             int(m.group(2))
             for m in map(SHARD_PATTERN.fullmatch, os.listdir(self.out))
             if m and int(m.group(1)) == process_index
         ]
         self._next = max(numbers, default=-1) + 1
-        self._manifest = ManifestWriter(self.out / manifest_name(process_index))
         self._tar: tarfile.TarFile | None = None
         self._fd: int | None = None
         self._temp: Path | None = None
@@ -185,13 +176,6 @@ class ShardWriter:
         full = len(self._pending) >= self.maxcount
         if full or (self.maxsize is not None and self._tar.fileobj.tell() >= self.maxsize):
             self.flush()
-        return record["id"]
-
-    def skip(self, global_index: int, record: Mapping, reason: str) -> str:
-        """Record an item a quality filter dropped: its manifest line with ``reason``, in no
-        shard. Written at once: it does not wait for a shard."""
-        record = skipped_record(record, int(global_index), reason)
-        self._manifest.append([record])
         return record["id"]
 
     def flush(self) -> None:
