@@ -6,7 +6,9 @@
 and reshapes the PyTorch keys with diffusers' own PyTorch-to-Flax rules, and checks the result
 against the parameter shapes ``jax.eval_shape`` gives for ``FlaxUNet2DConditionModel``,
 ``FlaxAutoencoderKL`` and our ``CLIPTextEncoder`` (no eager ``init_weights``: it would allocate and
-initialise a second copy of the model).
+initialise a second copy of the model). When JAX's persistent compilation cache is on (the commands
+turn it on, ``ports.compile_cache``), those shape trees are kept as JSON next to the compiled
+programs, so a warm load reads them instead of tracing each model's init (see ``_param_shapes``).
 
 Example::
 
@@ -18,12 +20,15 @@ Example::
     image = sd.vae.apply({"params": sd.vae_params}, latents, method=sd.vae.decode).sample
 """
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,22 +229,30 @@ def load(
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    unet = FlaxUNet2DConditionModel.from_config(
-        flax_fields(FlaxUNet2DConditionModel, unet_config), dtype=dtype
+    unet_fields = flax_fields(FlaxUNet2DConditionModel, unet_config)
+    unet = FlaxUNet2DConditionModel.from_config(unet_fields, dtype=dtype)
+    unet_shapes = _param_shapes(
+        unet, unet_fields, lambda: jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     )
-    unet_shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     unet_params = _convert_diffusers(_read_weights(folder / "unet"), unet_shapes, "unet")
 
-    vae = FlaxAutoencoderKL.from_config(flax_fields(FlaxAutoencoderKL, vae_config), dtype=dtype)
-    vae_shapes = jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
+    vae_fields = flax_fields(FlaxAutoencoderKL, vae_config)
+    vae = FlaxAutoencoderKL.from_config(vae_fields, dtype=dtype)
+    vae_shapes = _param_shapes(
+        vae, vae_fields, lambda: jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
+    )
     vae_params = _convert_diffusers(_read_weights(folder / "vae"), vae_shapes, "vae")
 
     text_encoder = CLIPTextEncoder(text_config, dtype=dtype)
-    text_shapes = jax.eval_shape(
-        text_encoder.init,
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, text_config.max_position_embeddings), jnp.int32),
-    )["params"]
+    text_shapes = _param_shapes(
+        text_encoder,
+        dataclasses.asdict(text_config),
+        lambda: jax.eval_shape(
+            text_encoder.init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, text_config.max_position_embeddings), jnp.int32),
+        )["params"],
+    )
     text_params = convert_clip_state_dict(_read_weights(folder / "text_encoder"))
     _check_tree(text_params, text_shapes, "text_encoder")
 
@@ -600,13 +613,120 @@ def _check_tree(params, shapes, component: str) -> None:
 
 
 def _to_device(params, dtype):
-    """numpy params -> jax arrays of ``dtype`` (cast on the host first, so bf16
-    moves half the bytes)."""
+    """numpy params -> jax arrays of ``dtype``: cast on the host first (so bf16 moves half the
+    bytes), then one ``jax.device_put`` of the whole tree (one batched transfer, not one per
+    leaf)."""
 
-    def put(leaf):
+    def cast(leaf):
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating) or leaf.dtype == jnp.bfloat16:
             leaf = leaf.astype(dtype)
-        return jnp.asarray(leaf)
+        return leaf
 
-    return jax.tree_util.tree_map(put, params)
+    return jax.device_put(jax.tree_util.tree_map(cast, params))
+
+
+# ---------------------------------------------------------------------------------- param shapes
+
+#: Subfolder of JAX's compilation cache folder that keeps the params' shape trees.
+SHAPES_FOLDER = "jaxmask-param-shapes"
+
+
+def _param_shapes(module, config: Mapping, trace: Callable[[], Any]):
+    """The shape tree of ``module``'s params (``jax.ShapeDtypeStruct`` leaves): ``trace()``, a
+    ``jax.eval_shape`` of the module's init, or its result kept from an earlier load.
+
+    With JAX's persistent compilation cache on (``jax_compilation_cache_dir`` a local folder), the
+    tree is kept as JSON in ``<that folder>/jaxmask-param-shapes/``, one file per key: the module
+    class, a sha256 of the source file defining it, ``config``, the dtype and the diffusers, flax
+    and jax versions. An entry that is missing, unreadable, damaged or made for another key is
+    traced again and rewritten (atomically: a temporary file, then ``os.replace``); a folder that
+    cannot be written to only means the next load traces again. With the cache off, ``trace()``.
+    """
+    folder = _shapes_folder()
+    if folder is None:
+        return trace()
+    key = _shapes_key(module, config)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = folder / f"{name}.json"
+    shapes = _read_shapes(path, key)
+    if shapes is None:
+        shapes = trace()
+        _write_shapes(path, key, shapes)
+    return shapes
+
+
+def _shapes_folder() -> Path | None:
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or "://" in str(cache):  # off, or a remote (gs://...) cache: trace every time
+        return None
+    return Path(cache).expanduser() / SHAPES_FOLDER
+
+
+def _shapes_key(module, config: Mapping) -> dict:
+    """What the shape tree depends on, as plain JSON values."""
+    import diffusers
+    import flax
+
+    cls = type(module)
+    source = inspect.getsourcefile(cls)
+    with open(source, "rb") as f:
+        source_hash = hashlib.sha256(f.read()).hexdigest()
+    key = {
+        "module": f"{cls.__module__}.{cls.__qualname__}",
+        "source": source_hash,
+        "config": dict(config),
+        "dtype": jnp.dtype(module.dtype).name,
+        "versions": {
+            "diffusers": diffusers.__version__,
+            "flax": flax.__version__,
+            "jax": jax.__version__,
+        },
+    }
+    return json.loads(json.dumps(key, sort_keys=True, default=repr))  # tuples -> lists, as read
+
+
+def _read_shapes(path: Path, key: dict):
+    """The shape tree kept in ``path`` for ``key``, or None (missing, damaged, another key)."""
+    try:
+        entry = json.loads(path.read_text())
+        if entry["key"] != key:
+            return None
+        flat = {}
+        for names, shape, dtype in entry["params"]:
+            if not names or not all(isinstance(n, str) for n in names):
+                return None
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                return None
+            flat[tuple(names)] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return unflatten_dict(flat) if flat else None
+
+
+def _write_shapes(path: Path, key: dict, shapes) -> None:
+    """Keep ``shapes`` for ``key`` in ``path``, atomically; a failed write is ignored. (Not
+    ``ports.store.atomic``: importing it loads the dataset writers, PIL and ``ports.scale``; no
+    fsync either: an entry a power cut truncates is read as damaged and traced again.)"""
+    entry = {
+        "key": key,
+        "params": [
+            [list(names), list(leaf.shape), jnp.dtype(leaf.dtype).name]
+            for names, leaf in flatten_dict(shapes).items()
+        ],
+    }
+    # unique per writer, in the same folder (so os.replace is a rename: atomic)
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError:
+        pass  # a read-only or full cache folder: the next load traces again

@@ -5,6 +5,7 @@ Every expected value comes from PyTorch (diffusers ``UNet2DConditionModel``, ``A
 transformers ``CLIPTextModel``, ``CLIPTokenizer``) run on the same weights and inputs.
 """
 
+import json
 import logging
 import shutil
 import sys
@@ -13,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
+from ports import compile_cache
 from ports.sd.clip import convert_state_dict
-from ports.sd.load import StableDiffusion, _fingerprint, load
+from ports.sd.load import SHAPES_FOLDER, StableDiffusion, _check_tree, _fingerprint, load
 from ports.sd.tokenizer import class_ids, tokenize
 from tests.ports.sd.parity import assert_rel_close as _close
 
@@ -265,6 +268,125 @@ def test_fingerprint_is_stable_and_tracks_weights(tiny_sd_path, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert _fingerprint(copy) != _fingerprint(tiny_sd_path)
+
+
+# ------------------------------------------------------------------------------- kept param shapes
+
+
+@pytest.fixture
+def shapes_cache(tmp_path):
+    """JAX's persistent compilation cache on in ``tmp_path`` (as the commands turn it on); yields
+    the folder where ``load`` keeps the params' shape trees. The config is restored after."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    folder = compile_cache.enable(tmp_path / "xla")
+    yield folder / SHAPES_FOLDER
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()  # later tests in this process run without it again
+
+
+def _entries(folder):
+    """{module class name: [entry files]} of the kept shape trees."""
+    entries = {}
+    for path in sorted(folder.glob("*.json")):
+        module = json.loads(path.read_text())["key"]["module"].rsplit(".", 1)[-1]
+        entries.setdefault(module, []).append(path)
+    return entries
+
+
+_MODULES = {"FlaxUNet2DConditionModel", "FlaxAutoencoderKL", "CLIPTextEncoder"}
+
+
+def _count_traces(monkeypatch):
+    """Make ``jax.eval_shape`` record the class of each model whose init it traces."""
+    traced = []
+    eval_shape = jax.eval_shape
+
+    def spy(fn, *args, **kwargs):
+        name = type(getattr(fn, "__self__", None)).__name__
+        if name in _MODULES:
+            traced.append(name)
+        return eval_shape(fn, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "eval_shape", spy)
+    return traced
+
+
+def _forbid_traces(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("jax.eval_shape was called: the kept param shapes were not used")
+
+    monkeypatch.setattr(jax, "eval_shape", refuse)
+
+
+def test_param_shapes_are_read_back_instead_of_traced(tiny_sd_path, shapes_cache, monkeypatch):
+    checked = []  # the shape trees load checks the weights against, in order
+
+    def spy(params, shapes, component):
+        checked.append(
+            (component, {k: (v.shape, v.dtype) for k, v in flatten_dict(shapes).items()})
+        )
+        _check_tree(params, shapes, component)
+
+    monkeypatch.setattr("ports.sd.load._check_tree", spy)
+    traced = _count_traces(monkeypatch)
+    first = load(tiny_sd_path)
+    assert sorted(traced) == sorted(_MODULES)
+    assert {k: len(v) for k, v in _entries(shapes_cache).items()} == dict.fromkeys(_MODULES, 1)
+    traced_shapes, checked[:] = list(checked), []
+
+    _forbid_traces(monkeypatch)
+    second = load(tiny_sd_path)
+    assert checked == traced_shapes  # the same shapes and dtypes, leaf for leaf
+    for name in ("unet_params", "vae_params", "text_params"):
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, getattr(second, name), getattr(first, name)
+        )
+        assert jax.tree_util.tree_map(lambda a: a.dtype, getattr(second, name)) == (
+            jax.tree_util.tree_map(lambda a: a.dtype, getattr(first, name))
+        )
+
+
+def test_a_damaged_or_other_shape_entry_is_not_used(
+    tiny_sd_path, tiny_sd2_path, shapes_cache, monkeypatch
+):
+    load(tiny_sd_path)
+    entries = {name: paths[0] for name, paths in _entries(shapes_cache).items()}
+    unet_text = entries["FlaxUNet2DConditionModel"].read_text()
+    vae_text = entries["FlaxAutoencoderKL"].read_text()
+    entries["FlaxUNet2DConditionModel"].write_text(unet_text[: len(unet_text) // 2])  # truncated
+    entries["FlaxAutoencoderKL"].write_text(entries["CLIPTextEncoder"].read_text())  # another key
+
+    traced = _count_traces(monkeypatch)
+    load(tiny_sd_path)
+    assert sorted(traced) == ["FlaxAutoencoderKL", "FlaxUNet2DConditionModel"]  # not CLIP's
+    # rewritten in place, whole
+    assert json.loads(entries["FlaxUNet2DConditionModel"].read_text()) == json.loads(unet_text)
+    assert json.loads(entries["FlaxAutoencoderKL"].read_text()) == json.loads(vae_text)
+    assert not list(shapes_cache.glob(".*"))  # no temporary file left behind
+
+    # another dtype, another config: their own entries, traced once, then read back
+    traced.clear()
+    load(tiny_sd_path, dtype=jnp.bfloat16)
+    assert sorted(traced) == sorted(_MODULES)
+    bf16 = _entries(shapes_cache)
+    assert {k: len(v) for k, v in bf16.items()} == dict.fromkeys(_MODULES, 2)
+    dtypes = {json.loads(p.read_text())["key"]["dtype"] for p in bf16["CLIPTextEncoder"]}
+    assert dtypes == {"float32", "bfloat16"}
+    traced.clear()
+    sd2 = load(tiny_sd2_path)
+    assert {"FlaxUNet2DConditionModel", "CLIPTextEncoder"} <= set(traced)
+    assert len(_entries(shapes_cache)["FlaxUNet2DConditionModel"]) == 3
+
+    _forbid_traces(monkeypatch)
+    assert load(tiny_sd_path, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    again = load(tiny_sd2_path)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again.unet_params, sd2.unet_params)
 
 
 # ------------------------------------------------------------------------------------------- errors
