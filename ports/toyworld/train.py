@@ -147,7 +147,7 @@ PRESETS = {
     # The bundled model, sized for the 2-core CPU: 16x16 latents (attention 16/8/4); the VAE on
     # 32 px crops, then on whole images; min-SNR weighting; half the captions without colour
     # words (the first models learned "colour word -> blob" and never the shape words); resumable
-    # segments of a ~6 hour run (docs/toymodel.md has the record).
+    # segments of a ~8 hour run (docs/toymodel.md has the record).
     "cpu": TrainConfig(
         scenes=30_000,
         vae_steps=4_600,
@@ -155,7 +155,9 @@ PRESETS = {
         vae_batch=16,
         vae_crop=32,
         vae_channels=(32, 64, 64),
-        unet_steps=20_000,
+        # 20,000 until UNet step 9,300 of the bundled model's run, then raised on resume (the
+        # 18,300-step export still missed the shape-word target: docs/toymodel.md)
+        unet_steps=27_000,
         unet_batch=32,
         unet_lr=6e-4,
         warmup=300,
@@ -610,7 +612,13 @@ def _check_resumable(saved: dict | None, folder: Path, cfg: TrainConfig, seed: i
     wanted = {"seed": seed, "world": scenes.VERSION}
     differ = [name for name, value in wanted.items() if saved.get(name) != value]
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists
-    differ += [f"config.{k}" for k, v in config.items() if saved["config"].get(k) != v]
+    # The UNet's step count may change on resume (the cosine schedule stretches from there on),
+    # as long as the steps already done fit in it.
+    differ += [
+        f"config.{k}"
+        for k, v in config.items()
+        if saved["config"].get(k) != v and not (k == "unet_steps" and v >= saved["unet_step"])
+    ]
     if differ:
         raise ValueError(
             f"--resume: the checkpoint at {folder} was made with other settings "
@@ -705,6 +713,15 @@ def train(
         "segments": [],
     }
     history = list(meta["segments"])
+    if meta["config"]["unet_steps"] != cfg.unet_steps:  # a resumed run with a new horizon
+        segment["unet_steps"] = {"from": meta["config"]["unet_steps"], "to": cfg.unet_steps}
+        meta["config"]["unet_steps"] = cfg.unet_steps
+        if progress:
+            print(
+                f"UNet steps {segment['unet_steps']['from']} -> {cfg.unet_steps} from step "
+                f"{meta['unet_step']} on: the learning-rate schedule stretches to the new count",
+                file=sys.stderr,
+            )
 
     def checkpointer(stage: str, extra=None):
         def save(state, done, curve):

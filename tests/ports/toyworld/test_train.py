@@ -169,12 +169,28 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9)
     with pytest.raises(ValueError, match="pass --resume to continue it, or remove"):
         train.train(out, cfg, seed=3, progress=False)
-    with pytest.raises(ValueError, match=r"differs in: seed, config.unet_steps"):
-        other = train.dataclasses.replace(cfg, unet_steps=6)
+    with pytest.raises(ValueError, match=r"differs in: seed, config.unet_lr"):
+        other = train.dataclasses.replace(cfg, unet_lr=1e-3)
         train.train(out, other, seed=4, progress=False, resume=True)
     (train.default_checkpoint(out) / "checkpoint.msgpack").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable training checkpoint"):
         train.train(out, cfg, seed=3, progress=False, resume=True)
+
+
+def test_a_resumed_run_may_take_more_unet_steps(tmp_path):
+    """Raising ``unet_steps`` on resume continues the run with the schedule stretched from there
+    on (recorded per segment); a count below the steps already done is refused."""
+    cfg, out = train.PRESETS["smoke"], tmp_path / "model"
+    train.train(out, cfg, seed=3, progress=False)
+    longer = train.dataclasses.replace(cfg, unet_steps=cfg.unet_steps + cfg.chunk)
+    record = train.train(out, longer, seed=3, progress=False, resume=True)
+    assert record["unet_steps_done"] == longer.unet_steps == record["config"]["unet_steps"]
+    assert len(record["unet_loss"]) == longer.unet_steps // cfg.chunk
+    last = record["segments"][-1]
+    assert last["unet_steps"] == {"from": cfg.unet_steps, "to": longer.unet_steps}
+    assert last["from"]["unet"] == cfg.unet_steps and last["to"]["unet"] == longer.unet_steps
+    with pytest.raises(ValueError, match=r"differs in: config.unet_steps"):
+        train.train(out, cfg, seed=3, progress=False, resume=True)  # fewer than the 6 done
 
 
 @pytest.mark.parametrize(
