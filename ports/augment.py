@@ -47,7 +47,7 @@ from jaxmask.augment import (
 )
 from ports.scale.hosts import SEED_RULE, item_key
 from ports.store import StoreError, mask_stats, open_dataset, read_manifest, software_versions, voc
-from ports.store.dataset import read_run_config
+from ports.store.dataset import require_run_config
 from ports.store.records import is_filtered, manifest_files
 
 STEPS = (  # (name in records, probability field, parameter field), in augment's order
@@ -153,21 +153,7 @@ def open_source(src: str | Path) -> Source:
         raise StoreError(
             errno.ENOENT, f"source dataset {src} does not exist (or is not a folder)", src
         )
-    run_config = read_run_config(src)
-    if run_config is None:
-        raise StoreError(
-            errno.ENOENT,
-            f"{src} holds no jaxmask_run.json: not a jaxmask dataset. Point at a folder written by "
-            "jaxmask (VOC layout).",
-            src,
-        )
-    if run_config.get("format", "voc") != "voc":
-        raise StoreError(
-            None,
-            f"{src} is a {run_config.get('format')!r} dataset; augment reads the VOC layout only. "
-            "Generate the source with the VOC format.",
-            src,
-        )
+    run_config = require_run_config(src, voc_for="augment")
     latest: dict[int, dict] = {}
     for path, _ in manifest_files(src):
         for record in read_manifest(path)[0]:

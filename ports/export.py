@@ -26,7 +26,7 @@ from PIL import Image
 
 from jaxmask.labels import IGNORE
 from ports.store import StoreError, atomic, verify
-from ports.store.dataset import read_run_config
+from ports.store.dataset import require_run_config
 from ports.store.records import MANIFEST, is_filtered, read_manifest
 from ports.store.voc import ID2LABEL
 
@@ -45,18 +45,7 @@ class ExportResult:
 def _source(dataset: Path) -> tuple[list[dict], dict[int, str]]:
     """The finished, intact items of a VOC dataset and its id2label; refuses anything else."""
     dataset = Path(dataset)
-    config = read_run_config(dataset)
-    if config is None:
-        raise StoreError(
-            None, f"{dataset} holds no jaxmask_run.json: not a jaxmask dataset", dataset
-        )
-    if config.get("format", "voc") != "voc":
-        raise StoreError(
-            None,
-            f"{dataset} is a {config.get('format')!r} dataset; export reads the VOC layout. "
-            "Generate it with --format voc.",
-            dataset,
-        )
+    require_run_config(dataset, voc_for="export")
     if not (dataset / MANIFEST).is_file():
         raise StoreError(
             None,

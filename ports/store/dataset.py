@@ -303,14 +303,37 @@ def _rewrite_manifest(path: Path, records: list[dict], complete: Sequence[bool])
         atomic.write_bytes(path, data)
 
 
-def _format_of(out: Path) -> Format:
-    """The :class:`~ports.store.formats.Format` of the dataset in ``out``."""
+def require_run_config(out: str | os.PathLike, voc_for: str | None = None) -> dict:
+    """The run config of the jaxmask dataset in ``out``; refuses a folder without one.
+
+    ``voc_for`` names a command that reads only the VOC layout (``"augment"``, ``"export"``):
+    a dataset of another format is refused for it, with what to do instead.
+
+    Raises:
+      StoreError: ``out`` holds no run config, or not the VOC layout ``voc_for`` needs.
+    """
+    out = Path(out)
     config = read_run_config(out)
     if config is None:
         raise StoreError(
-            errno.ENOENT, f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset folder.", out
+            errno.ENOENT,
+            f"{out} holds no {RUN_CONFIG}: not a jaxmask dataset. Point at a folder written by "
+            "jaxmask generate.",
+            out,
         )
-    return FORMATS[config.get("format", DEFAULT_FORMAT)]
+    if voc_for is not None and config.get("format", DEFAULT_FORMAT) != "voc":
+        raise StoreError(
+            None,
+            f"{out} is a {config.get('format')!r} dataset; {voc_for} reads the VOC layout only. "
+            "Generate it with --format voc.",
+            out,
+        )
+    return config
+
+
+def _format_of(out: Path) -> Format:
+    """The :class:`~ports.store.formats.Format` of the dataset in ``out``."""
+    return FORMATS[require_run_config(out).get("format", DEFAULT_FORMAT)]
 
 
 def merge_manifests(out: str | os.PathLike) -> list[dict]:

@@ -239,3 +239,17 @@ def test_merge_after_resume_after_merge(tmp_path):
 def test_merge_refuses_a_folder_without_run_config(tmp_path):
     with pytest.raises(StoreError, match="not a jaxmask dataset"):
         merge_manifests(tmp_path)
+
+
+def test_require_run_config_refuses_what_a_command_cannot_read(tmp_path):
+    from ports.store.dataset import require_run_config
+
+    with pytest.raises(StoreError, match="holds no jaxmask_run.json: not a jaxmask dataset") as e:
+        require_run_config(tmp_path / "none", voc_for="export")
+    assert e.value.errno == errno.ENOENT
+    open_dataset(tmp_path / "shards", {"total": 1, "size": (8, 8), "format": "webdataset"})
+    assert require_run_config(tmp_path / "shards")["format"] == "webdataset"  # any format
+    with pytest.raises(StoreError, match=r"'webdataset' dataset; augment reads the VOC layout"):
+        require_run_config(tmp_path / "shards", voc_for="augment")
+    open_dataset(tmp_path / "voc", {"total": 1, "size": (8, 8)})
+    assert require_run_config(tmp_path / "voc", voc_for="export")["total"] == 1
