@@ -22,6 +22,11 @@ class _Command(typer.core.TyperCommand):
         return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
 
 
+def _filter_option(help: str):
+    """An item filter's option (generate, quality): a fraction F, off when not given."""
+    return typer.Option(None, metavar="F", help=help)
+
+
 def _version(show: bool) -> None:
     if show:
         from importlib.metadata import version
@@ -113,20 +118,16 @@ def generate(
     ),
     pamr: bool = typer.Option(False, help="refine masks with PAMR"),
     soft_masks: bool = typer.Option(False, help="also store 64x64 soft masks (float16 .npz)"),
-    min_area: float = typer.Option(
-        None,
-        metavar="F",
-        help="drop items where a named class covers less than this fraction of the image (its "
-        "manifest line keeps the reason; no files)",
+    min_area: float = _filter_option(
+        "drop items where a named class covers less than this fraction of the image (its "
+        "manifest line keeps the reason; no files)"
     ),
-    max_area: float = typer.Option(
-        None, metavar="F", help="drop items where a named class covers more than this fraction"
+    max_area: float = _filter_option(
+        "drop items where a named class covers more than this fraction"
     ),
-    min_confidence: float = typer.Option(
-        None,
-        metavar="F",
-        help="drop items where a named class's mask is unsure: its mean soft score inside the "
-        "mask is under F (0-1; the manifest records each score)",
+    min_confidence: float = _filter_option(
+        "drop items where a named class's mask is unsure: its mean soft score inside the mask "
+        "is under F (0-1; the manifest records each score)"
     ),
     val_fraction: float = typer.Option(
         0.0,
@@ -537,14 +538,10 @@ def quality(
         None, help="capture only in START,STOP (fractions of the steps), e.g. 0,0.5"
     ),
     every: int = typer.Option(None, min=1, help="capture every k-th step"),
-    min_area: float = typer.Option(
-        None, metavar="F", help="also score the pairs generate --min-area F would keep"
-    ),
-    max_area: float = typer.Option(
-        None, metavar="F", help="also score the pairs generate --max-area F would keep"
-    ),
-    min_confidence: float = typer.Option(
-        None, metavar="F", help="also score the pairs generate --min-confidence F would keep"
+    min_area: float = _filter_option("also score the pairs generate --min-area F would keep"),
+    max_area: float = _filter_option("also score the pairs generate --max-area F would keep"),
+    min_confidence: float = _filter_option(
+        "also score the pairs generate --min-confidence F would keep"
     ),
 ) -> None:
     """Measure mask quality on the toy world: every method (with and without PAMR) against a
