@@ -2,14 +2,13 @@
 re-implementation of the reference PAMR (visinf/1-stage-wseg models/mods/pamr.py), jit, vmap."""
 
 import math
+from typing import TYPE_CHECKING
 
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,16 @@ from jaxmask.refine import (
     pamr_propagate,
     resize,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch():
+    """``(torch, torch.nn.functional)`` for the PyTorch parity tests: they skip where torch is not
+    installed (the test extra leaves it out on Python 3.12, CI's jax 0.12 leg; no wheel there)."""
+    torch = pytest.importorskip("torch")
+    return torch, torch.nn.functional
 
 
 def _rand(seed: int, shape) -> jax.Array:
@@ -65,6 +74,7 @@ def test_resize_shapes_keep_leading_axes(src, dst, method):
     "src,dst", [((4, 4), (16, 16)), ((8, 8), (64, 64)), ((6, 5), (13, 17)), ((16, 16), (8, 8))]
 )
 def test_bilinear_equals_torch_interpolate(src, dst):
+    torch, F = _torch()
     m = _rand(1, (3,) + src)
     want = F.interpolate(
         torch.tensor(np.array(m))[None], size=dst, mode="bilinear", align_corners=False
@@ -73,12 +83,14 @@ def test_bilinear_equals_torch_interpolate(src, dst):
 
 
 def test_nearest_equals_torch_nearest_exact():
+    torch, F = _torch()
     m = _rand(2, (1, 5, 7))
     want = F.interpolate(torch.tensor(np.array(m))[None], size=(13, 4), mode="nearest-exact")[0]
     np.testing.assert_array_equal(resize(m, (13, 4), "nearest"), want.numpy())
 
 
 def test_bicubic_is_close_to_but_not_torch_bicubic():
+    torch, F = _torch()
     # the documented difference: Keys a = -0.5 (jax) vs a = -0.75 (PyTorch, OpenCV)
     yy, xx = np.meshgrid(np.linspace(0, 1, 8), np.linspace(0, 1, 8), indexing="ij")
     m = jnp.asarray(np.sin(3 * yy) * np.cos(2 * xx), jnp.float32)[None]
@@ -114,6 +126,7 @@ def test_bicubic_cv2_equals_opencv_inter_cubic(src, dst):
 @pytest.mark.parametrize("src,dst", CV2_SIZES)
 def test_bicubic_cv2_equals_torch_bicubic(src, dst):
     """Dataset Diffusion's ``F.interpolate(mode="bicubic")`` (align_corners=False)."""
+    torch, F = _torch()
     m = _rand(20, (2,) + src)
     want = F.interpolate(
         torch.tensor(np.array(m))[None], size=dst, mode="bicubic", align_corners=False
@@ -182,7 +195,8 @@ def test_resize_jit_and_vmap():
 # mask; affinity / (1e-8 + s * std), mean over image channels, softmax over the 8*D neighbours.
 
 
-def _shift_kernels(with_centre: bool, sign_centre: bool) -> torch.Tensor:
+def _shift_kernels(with_centre: bool, sign_centre: bool) -> "torch.Tensor":
+    torch, _ = _torch()
     taps = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]
     if with_centre:
         taps = taps + [(1, 1)]
@@ -194,7 +208,8 @@ def _shift_kernels(with_centre: bool, sign_centre: bool) -> torch.Tensor:
     return k
 
 
-def _local(x: torch.Tensor, kernel: torch.Tensor, dilations) -> torch.Tensor:
+def _local(x: "torch.Tensor", kernel: "torch.Tensor", dilations) -> "torch.Tensor":
+    torch, F = _torch()
     b, k, h, w = x.shape
     x = x.reshape(b * k, 1, h, w)
     out = [F.conv2d(F.pad(x, [d] * 4, mode="replicate"), kernel, dilation=d) for d in dilations]
@@ -204,6 +219,7 @@ def _local(x: torch.Tensor, kernel: torch.Tensor, dilations) -> torch.Tensor:
 def torch_pamr(
     image_chw: np.ndarray, masks: np.ndarray, dilations, num_iter, sigma_scale
 ) -> np.ndarray:
+    torch, F = _torch()
     x = torch.from_numpy(image_chw.astype(np.float64))[None]
     m = torch.from_numpy(masks.astype(np.float64))[None]
     x_std = _local(x, _shift_kernels(True, False), dilations).std(2, keepdim=True)
@@ -225,6 +241,7 @@ def torch_pamr(
     ],
 )
 def test_pamr_equals_torch_reference(hw, c, cfg):
+    torch, F = _torch()
     image = _rand(10, hw + (3,))
     masks = jax.nn.softmax(4 * _rand(11, (c,) + hw), axis=0)
     want = torch_pamr(
@@ -238,6 +255,7 @@ def test_pamr_equals_torch_reference(hw, c, cfg):
 
 
 def test_pamr_affinity_equals_torch_reference():
+    torch, F = _torch()
     image = _rand(12, HW + (3,))
     cfg = TWO_DIL
     x = torch.from_numpy(np.moveaxis(np.asarray(image), -1, 0).astype(np.float64))[None]
