@@ -34,6 +34,15 @@ def _torch():
     return torch, torch.nn.functional
 
 
+def _torch_resize(m, size, mode: str) -> np.ndarray:
+    """PyTorch's ``F.interpolate`` of ``(c, h, w)`` maps (align_corners=False where it applies)."""
+    torch, F = _torch()
+    corners = {} if mode.startswith("nearest") else {"align_corners": False}
+    return F.interpolate(torch.tensor(np.array(m))[None], size=size, mode=mode, **corners)[
+        0
+    ].numpy()
+
+
 def _rand(seed: int, shape) -> jax.Array:
     # numpy's generator: jax.random compiles anew for every shape (seconds each on the CPU)
     return jnp.asarray(np.random.default_rng(seed).random(shape, dtype=np.float32))
@@ -74,30 +83,23 @@ def test_resize_shapes_keep_leading_axes(src, dst, method):
     "src,dst", [((4, 4), (16, 16)), ((8, 8), (64, 64)), ((6, 5), (13, 17)), ((16, 16), (8, 8))]
 )
 def test_bilinear_equals_torch_interpolate(src, dst):
-    torch, F = _torch()
     m = _rand(1, (3,) + src)
-    want = F.interpolate(
-        torch.tensor(np.array(m))[None], size=dst, mode="bilinear", align_corners=False
-    )[0]
-    np.testing.assert_allclose(resize(m, dst, "bilinear"), want.numpy(), rtol=1e-5, atol=1e-6)
+    want = _torch_resize(m, dst, "bilinear")
+    np.testing.assert_allclose(resize(m, dst, "bilinear"), want, rtol=1e-5, atol=1e-6)
 
 
 def test_nearest_equals_torch_nearest_exact():
-    torch, F = _torch()
     m = _rand(2, (1, 5, 7))
-    want = F.interpolate(torch.tensor(np.array(m))[None], size=(13, 4), mode="nearest-exact")[0]
-    np.testing.assert_array_equal(resize(m, (13, 4), "nearest"), want.numpy())
+    want = _torch_resize(m, (13, 4), "nearest-exact")
+    np.testing.assert_array_equal(resize(m, (13, 4), "nearest"), want)
 
 
 def test_bicubic_is_close_to_but_not_torch_bicubic():
-    torch, F = _torch()
     # the documented difference: Keys a = -0.5 (jax) vs a = -0.75 (PyTorch, OpenCV)
     yy, xx = np.meshgrid(np.linspace(0, 1, 8), np.linspace(0, 1, 8), indexing="ij")
     m = jnp.asarray(np.sin(3 * yy) * np.cos(2 * xx), jnp.float32)[None]
-    want = F.interpolate(
-        torch.tensor(np.array(m))[None], size=(32, 32), mode="bicubic", align_corners=False
-    )[0]
-    diff = np.abs(np.asarray(resize(m, (32, 32), "bicubic")) - want.numpy())
+    want = _torch_resize(m, (32, 32), "bicubic")
+    diff = np.abs(np.asarray(resize(m, (32, 32), "bicubic")) - want)
     assert 1e-4 < diff.max() < 5e-2
 
 
@@ -126,12 +128,9 @@ def test_bicubic_cv2_equals_opencv_inter_cubic(src, dst):
 @pytest.mark.parametrize("src,dst", CV2_SIZES)
 def test_bicubic_cv2_equals_torch_bicubic(src, dst):
     """Dataset Diffusion's ``F.interpolate(mode="bicubic")`` (align_corners=False)."""
-    torch, F = _torch()
     m = _rand(20, (2,) + src)
-    want = F.interpolate(
-        torch.tensor(np.array(m))[None], size=dst, mode="bicubic", align_corners=False
-    )[0]
-    np.testing.assert_allclose(resize(m, dst, "bicubic_cv2"), want.numpy(), rtol=0, atol=1e-6)
+    want = _torch_resize(m, dst, "bicubic")
+    np.testing.assert_allclose(resize(m, dst, "bicubic_cv2"), want, rtol=0, atol=1e-6)
 
 
 def test_cubic_cv2_weights_hand_values():
