@@ -12,6 +12,7 @@ import hashlib
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -384,15 +385,28 @@ def extends(stored: dict, config: dict) -> bool:
 
 
 def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_batch, mesh):
-    """Generate and write this process's ``todo``: (items written, seconds)."""
+    """Generate and write this process's ``todo``: (items written, seconds).
+
+    Batch k's host work (records, encoding, hashing, writing: ``_HostWork``) runs on a worker
+    thread while batch k+1 samples; XLA and the image encoders release the GIL. One batch is in
+    flight at a time, so items reach the manifest in order (a resume sees the same prefix) and a
+    failed write stops the run one batch later at most. Leaving early (an error, Ctrl-C) waits
+    for the batch being written, so no item is cut off by the writer's close.
+    """
     sd = pipeline.sd
-    model = dataset.run_config["model"]  # as first typed: a resumed run's records match
     key = jax.random.key(cfg.seed)
-    from ports.sd.tokenizer import class_ids, tokenize
+    from ports.sd.tokenizer import tokenize
 
     start, written = time.perf_counter(), 0
-    versions = software_versions()
-    with dataset.writer(plan.id2label()) as writer:
+    model = dataset.run_config["model"]  # as first typed: a resumed run's records match
+    host = _HostWork(
+        cfg, plan, sd.tokenizer, dataclasses.asdict(method_cfg), model, software_versions()
+    )
+    with (
+        dataset.writer(plan.id2label()) as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="jaxmask-write") as pool,
+    ):
+        pending = None
         for batch in hosts.batches(todo, batch_size):
             items = [plan.item(int(i)) for i in batch.indices]
             prompts = [it.prompt for it in items]
@@ -412,61 +426,89 @@ def _write(cfg, plan, pipeline, dataset, todo, batch_size, size, method_cfg, on_
                 mesh=mesh,
             )
             ids = tokenize(sd.tokenizer, prompts)
-            for j, (index, valid) in enumerate(zip(batch.indices, batch.valid, strict=True)):
-                if not valid:
-                    continue
-                item = items[j]
-                lut = _label_lookup(plan, item.classes)
-                label = lut[result.label_maps[j]]
-                class_ids_ = [plan.classes.index(c) + 1 for c in item.classes]
-                soft = None
-                if cfg.soft_masks:
-                    soft = np.asarray(
-                        jaxmask.resize(result.soft_masks[j], (SOFT_MASK_SIDE,) * 2, "bilinear")
-                    )
-                record = {
-                    "prompt": item.prompt,
-                    "negative_prompt": cfg.negative_prompt,
-                    "classes": [
-                        {
-                            "id": cid,
-                            "name": name,
-                            "token_positions": token_positions(
-                                ids[j].tolist(), class_ids(sd.tokenizer, word)
-                            ),
-                        }
-                        for cid, name, word in zip(
-                            class_ids_, item.classes, item.words, strict=True
-                        )
-                    ],
-                    "seed": {"rule": hosts.SEED_RULE, "value": cfg.seed},
-                    "method": {"name": cfg.method, "params": dataclasses.asdict(method_cfg)},
-                    "model": {"id": model["id"], "fingerprint": model["fingerprint"]},
-                    "scheduler": cfg.scheduler,
-                    "steps": cfg.steps,
-                    "guidance": cfg.guidance,
-                    "size": [size, size],
-                    "dtype": cfg.dtype,
-                    "mask_stats": mask_stats(label, [0, *class_ids_]),
-                    "versions": versions,
-                }
-                if cfg.min_confidence is not None:
-                    confidence = jaxmask.mask_confidence(
-                        jnp.asarray(result.soft_masks[j]), jnp.asarray(result.label_maps[j])
-                    )
-                    record["mask_stats"]["confidence"] = {
-                        str(i): round(float(c), 6)
-                        for i, c in zip(class_ids_, confidence, strict=True)
-                    }
-                if cfg.val_fraction:
-                    record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
-                names = {str(i): n for i, n in zip(class_ids_, item.classes, strict=True)}
-                reason = filter_reason(record["mask_stats"], names, cfg)
-                if reason is None:
-                    writer.write(int(index), result.images[j], label, record, soft_masks=soft)
-                else:
-                    writer.skip(int(index), record, reason)
-                written += 1
-            if on_batch:
-                on_batch(int(np.sum(batch.valid)))
+            if pending is not None:
+                written += _written(pending, on_batch)
+            pending = pool.submit(host.write_batch, writer, batch, items, result, ids, size)
+        if pending is not None:
+            written += _written(pending, on_batch)
     return written, time.perf_counter() - start
+
+
+def _written(future, on_batch) -> int:
+    """Wait for a batch's host work (its error is raised here) and report it."""
+    count = future.result()
+    if on_batch:
+        on_batch(count)
+    return count
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostWork:
+    """A dataset run's per-item host work: the manifest record, the quality filters, the write."""
+
+    cfg: RunConfig
+    plan: Plan
+    tokenizer: object
+    method_params: dict  # the records' entries that every item shares
+    model: dict
+    versions: dict
+
+    def write_batch(self, writer, batch, items, result, ids, size) -> int:
+        """Write (or record as filtered) the batch's valid items: how many."""
+        from ports.sd.tokenizer import class_ids
+
+        cfg, plan, tokenizer = self.cfg, self.plan, self.tokenizer
+        count = 0
+        for j, (index, valid) in enumerate(zip(batch.indices, batch.valid, strict=True)):
+            if not valid:
+                continue
+            item = items[j]
+            lut = _label_lookup(plan, item.classes)
+            label = lut[result.label_maps[j]]
+            class_ids_ = [plan.classes.index(c) + 1 for c in item.classes]
+            soft = None
+            if cfg.soft_masks:
+                soft = np.asarray(
+                    jaxmask.resize(result.soft_masks[j], (SOFT_MASK_SIDE,) * 2, "bilinear")
+                )
+            record = {
+                "prompt": item.prompt,
+                "negative_prompt": cfg.negative_prompt,
+                "classes": [
+                    {
+                        "id": cid,
+                        "name": name,
+                        "token_positions": token_positions(
+                            ids[j].tolist(), class_ids(tokenizer, word)
+                        ),
+                    }
+                    for cid, name, word in zip(class_ids_, item.classes, item.words, strict=True)
+                ],
+                "seed": {"rule": hosts.SEED_RULE, "value": cfg.seed},
+                "method": {"name": cfg.method, "params": dict(self.method_params)},
+                "model": {k: self.model[k] for k in ("id", "fingerprint")},
+                "scheduler": cfg.scheduler,
+                "steps": cfg.steps,
+                "guidance": cfg.guidance,
+                "size": [size, size],
+                "dtype": cfg.dtype,
+                "mask_stats": mask_stats(label, [0, *class_ids_]),
+                "versions": self.versions,
+            }
+            if cfg.min_confidence is not None:
+                confidence = jaxmask.mask_confidence(
+                    jnp.asarray(result.soft_masks[j]), jnp.asarray(result.label_maps[j])
+                )
+                record["mask_stats"]["confidence"] = {
+                    str(i): round(float(c), 6) for i, c in zip(class_ids_, confidence, strict=True)
+                }
+            if cfg.val_fraction:
+                record["split"] = item_split(cfg.seed, int(index), cfg.val_fraction)
+            names = {str(i): n for i, n in zip(class_ids_, item.classes, strict=True)}
+            reason = filter_reason(record["mask_stats"], names, cfg)
+            if reason is None:
+                writer.write(int(index), result.images[j], label, record, soft_masks=soft)
+            else:
+                writer.skip(int(index), record, reason)
+            count += 1
+        return count

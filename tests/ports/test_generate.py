@@ -8,6 +8,7 @@ The tiny model attends at sides (8, 16) at its native 64 px, so SeeDiff needs
 ``seed_resolution=8`` (its default wants finest / 4).
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -572,3 +574,70 @@ def test_area_filters_keep_the_record_and_write_no_files(reference, tiny_sd_path
     assert invoke("verify", out)[0] == 0
     code, output = invoke(*args)  # a filtered item is finished: the rerun makes nothing
     assert code == 0 and f"0 generated, {TOTAL} already there" in output, output
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. host work beside sampling
+
+
+def test_a_batch_is_written_while_the_next_one_samples(
+    reference, tiny_sd_path, tmp_path, monkeypatch
+):
+    """The first item's write waits until the second batch has begun sampling. A run that wrote
+    each batch before sampling the next would never get there: the wait runs out and the run
+    fails. The files are still the reference's."""
+    from ports import api
+    from ports.store.voc import VocWriter
+
+    second_batch = threading.Event()
+    calls = []
+    real_generate, real_write = api.Pipeline.generate, VocWriter.write
+
+    def generate(self, *args, **kwargs):
+        calls.append(kwargs["item_ids"].tolist())
+        if len(calls) == 2:
+            second_batch.set()
+        return real_generate(self, *args, **kwargs)
+
+    def write(self, *args, **kwargs):
+        if not second_batch.wait(timeout=60):
+            raise AssertionError("the first batch was written before the second one sampled")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(api.Pipeline, "generate", generate)
+    monkeypatch.setattr(VocWriter, "write", write)
+    out = tmp_path / "overlap"
+    code, output = invoke(*generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH))
+    assert code == 0 and f"{TOTAL} generated" in output, output
+    assert len(calls) == 2  # 6 items in batches of 4
+    assert snapshot(out) == reference[1]
+
+
+def test_a_failed_write_fails_the_run_and_a_rerun_makes_the_rest(
+    reference, tiny_sd_path, tmp_path, monkeypatch
+):
+    """A write that fails on the writer thread (the third item: a full disk) fails the run with
+    its message, though the next batch has sampled by then. The two items before it stay, and
+    the rerun makes the other four: the reference's bytes."""
+    from ports.store.voc import VocWriter
+
+    real_write, writes = VocWriter.write, []
+
+    def write(self, *args, **kwargs):
+        writes.append(args[0])
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocWriter, "write", write)
+    out = tmp_path / "full"
+    args = generate_args(out, tiny_sd_path, batch_size=IN_PROCESS_BATCH)
+    code, output = invoke(*args)
+    assert code == 2 and "No space left on device" in output, output
+    assert writes == [0, 1, 2]  # nothing after the failed item, in either batch
+    assert len((out / "manifest-00000.jsonl").read_text().splitlines()) == 2
+
+    monkeypatch.undo()
+    code, output = invoke(*args)
+    assert code == 0 and f"{TOTAL - 2} generated, 2 already there" in output, output
+    assert snapshot(out) == reference[1]
