@@ -31,6 +31,12 @@ from jaxmask.labels import IGNORE
 
 OCCLUDER_LABEL = 0  #: label of the pixels under an occluder (background)
 
+# The pair every function takes and returns (the conventions above), and a strength that may be
+# traced (vmapped over items).
+Image = Float[Array, "h w 3"]
+Labels = UInt8[Array, "h w"]
+Strength = float | Float[Array, ""]
+
 #: DiffuMask's splicing grids (rows, cols): 1x2 (horizontal or vertical at random), 2x2, 3x3,
 #: 5x5, 6x6, 7x7, 8x8 (weijiawu/DiffuMask ``script/splicing_augmentation_VOC.py``; no 4x4 there).
 DIFFUMASK_GRIDS: tuple[tuple[int, int], ...] = (
@@ -288,11 +294,8 @@ def splice(
 
 
 def gaussian_noise(
-    key: jax.Array,
-    image: Float[Array, "h w 3"],
-    label: UInt8[Array, "h w"],
-    sigma: float | Float[Array, ""],
-) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
+    key: jax.Array, image: Image, label: Labels, sigma: Strength
+) -> tuple[Image, Labels]:
     """Add i.i.d. Gaussian noise of standard deviation ``sigma`` to the image, then clip to
     [0, 1]; the labels are returned unchanged (DiffuMask's noise/blur augmentation, paper Sec.
     3.3; not in the reference code).
@@ -333,11 +336,8 @@ def _unit_square_to_quad(quad: Float[Array, "4 2"]) -> Float[Array, "3 3"]:
 
 
 def _warp(
-    image: Float[Array, "h w 3"],
-    label: UInt8[Array, "h w"],
-    src_x: Float[Array, "h w"],
-    src_y: Float[Array, "h w"],
-) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
+    image: Image, label: Labels, src_x: Float[Array, "h w"], src_y: Float[Array, "h w"]
+) -> tuple[Image, Labels]:
     """Sample ``image`` (bilinear) and ``label`` (nearest) at source pixel coordinates; samples
     whose nearest source pixel lies outside the image give 0 and ``IGNORE``."""
     h, w = label.shape
@@ -363,11 +363,8 @@ def _warp(
 
 
 def perspective(
-    key: jax.Array,
-    image: Float[Array, "h w 3"],
-    label: UInt8[Array, "h w"],
-    strength: float | Float[Array, ""],
-) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
+    key: jax.Array, image: Image, label: Labels, strength: Strength
+) -> tuple[Image, Labels]:
     """One random homography applied to image and labels alike (DiffuMask's perspective
     augmentation, paper Sec. 3.3; not in the reference code).
 
@@ -407,11 +404,8 @@ def perspective(
 
 
 def occlude(
-    key: jax.Array,
-    image: Float[Array, "h w 3"],
-    label: UInt8[Array, "h w"],
-    max_fraction: float | Float[Array, ""],
-) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
+    key: jax.Array, image: Image, label: Labels, max_fraction: Strength
+) -> tuple[Image, Labels]:
     """Paste a random rectangle of one random colour over the image; its pixels become label
     ``0`` background (DiffuMask's occlusion augmentation, paper Sec. 3.3; not in the reference
     code).
@@ -484,11 +478,8 @@ def choose_augmentations(key: jax.Array, cfg: AugmentConfig) -> Bool[Array, "3"]
 
 
 def augment(
-    key: jax.Array,
-    image: Float[Array, "h w 3"],
-    label: UInt8[Array, "h w"],
-    cfg: AugmentConfig,
-) -> tuple[Float[Array, "h w 3"], UInt8[Array, "h w"]]:
+    key: jax.Array, image: Image, label: Labels, cfg: AugmentConfig
+) -> tuple[Image, Labels]:
     """DiffuMask's per-pair augmentations, composed: perspective -> occlusion -> noise, each
     applied with its probability in ``cfg`` (decided by :func:`choose_augmentations`), each
     drawing from its own ``fold_in(key, step)`` subkey.
