@@ -43,20 +43,21 @@ def one_run(python: str, out: Path, cache: Path) -> dict:
     args = [python, "-m", "ports.cli", *MAIN, "--out", str(out), "--compilation-cache", str(cache)]
     env = {**os.environ, "COLUMNS": "100"}
     images = out / "JPEGImages"
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    first = None
-    while process.poll() is None:
-        if first is None and images.is_dir() and any(images.glob("*.jpg")):
-            first = time.perf_counter() - start
-        time.sleep(POLL_S)
-    total = time.perf_counter() - start
-    output = process.stdout.read().decode(errors="replace")
+    # the output goes to a file, not a pipe nobody reads while polling (a full pipe would stall it)
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first = None
+        while process.poll() is None:
+            if first is None and images.is_dir() and any(images.glob("*.jpg")):
+                first = time.perf_counter() - start
+            time.sleep(POLL_S)
+        total = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({process.returncode}):\n{output}")
-    if first is None:  # written between two polls at the very end
+    if first is None:  # written between the last two polls: at most the whole run
         first = total
     return {"first_image_s": first, "total_s": total, "last_line": output.strip().splitlines()[-1]}
 
