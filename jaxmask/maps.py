@@ -237,6 +237,7 @@ def validate(maps: AttentionMaps) -> AttentionMaps:
     return maps
 
 
+@jax.jit  # one small program, not an eagerly compiled op per map (the shell calls it per batch)
 def finite(maps: AttentionMaps) -> Bool[Array, ""]:
     """True when every captured value is finite (NaN/Inf in maps mean a broken run)."""
     leaves = jax.tree_util.tree_leaves(maps)

@@ -30,6 +30,7 @@ import jaxmask
 from jaxmask.maps import AttentionMaps, CaptureSpec, merge_specs
 from jaxmask.masks import check_maps, extract_masks
 from jaxmask.refine import PAMR_DEFAULT, PAMRConfig
+from ports import executables
 from ports.errors import bad_arg
 from ports.sd.capture import NOTHING
 from ports.sd.sample import Sampler, to_uint8
@@ -37,8 +38,10 @@ from ports.toyworld import MODEL as DEFAULT_MODEL  # what ``load()`` gives witho
 
 #: ``jaxmask.extract_masks`` over a batch: ``(maps, token_weights, images, method, pamr)`` with a
 #: leading batch axis on the first three, jitted with the method and PAMR configs static.
-extract_batch = jax.jit(
-    jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4)
+extract_batch = executables.Jit(
+    jax.vmap(extract_masks, in_axes=(0, 0, 0, None, None)),
+    static_argnums=(3, 4),
+    name="ports.api.extract_batch",
 )
 
 

@@ -20,14 +20,12 @@ Example::
     image = sd.vae.apply({"params": sd.vae_params}, latents, method=sd.vae.decode).sample
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxmask.maps import Layout
+from ports import compile_cache
 from ports.sd.clip import CLIPTextConfig, CLIPTextEncoder
 from ports.sd.clip import convert_state_dict as convert_clip_state_dict
 
@@ -643,7 +642,7 @@ def _param_shapes(module, config: Mapping, trace: Callable[[], Any]):
     traced again and rewritten (atomically: a temporary file, then ``os.replace``); a folder that
     cannot be written to only means the next load traces again. With the cache off, ``trace()``.
     """
-    folder = _shapes_folder()
+    folder = compile_cache.subfolder(SHAPES_FOLDER)
     if folder is None:
         return trace()
     key = _shapes_key(module, config)
@@ -654,13 +653,6 @@ def _param_shapes(module, config: Mapping, trace: Callable[[], Any]):
         shapes = trace()
         _write_shapes(path, key, shapes)
     return shapes
-
-
-def _shapes_folder() -> Path | None:
-    cache = jax.config.jax_compilation_cache_dir
-    if not cache or "://" in str(cache):  # off, or a remote (gs://...) cache: trace every time
-        return None
-    return Path(cache).expanduser() / SHAPES_FOLDER
 
 
 def _shapes_key(module, config: Mapping) -> dict:
@@ -705,9 +697,8 @@ def _read_shapes(path: Path, key: dict):
 
 
 def _write_shapes(path: Path, key: dict, shapes) -> None:
-    """Keep ``shapes`` for ``key`` in ``path``, atomically; a failed write is ignored. (Not
-    ``ports.store.atomic``: importing it loads the dataset writers, PIL and ``ports.scale``; no
-    fsync either: an entry a power cut truncates is read as damaged and traced again.)"""
+    """Keep ``shapes`` for ``key`` in ``path`` (``compile_cache.write_entry``: atomic, a failed
+    write ignored)."""
     entry = {
         "key": key,
         "params": [
@@ -715,18 +706,4 @@ def _write_shapes(path: Path, key: dict, shapes) -> None:
             for names, leaf in flatten_dict(shapes).items()
         ],
     }
-    # unique per writer, in the same folder (so os.replace is a rename: atomic)
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entry, f)
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-    except OSError:
-        pass  # a read-only or full cache folder: the next load traces again
+    compile_cache.write_entry(path, json.dumps(entry).encode())

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmask.maps import AttentionMaps, CaptureSpec
+from ports import executables
 from ports.errors import bad_arg, with_cli
 from ports.sd import schedulers
 from ports.sd.capture import MAPS, NOTHING, intercept_attention, step_maps
@@ -128,7 +129,25 @@ class Sampler:
         self.sd = sd
         self.mesh = mesh  # a ``ports.scale.mesh.data_mesh``: batches split over its "data" axis
         self._schedulers: dict[str, Any] = {}
-        self._run = jax.jit(self._sample, static_argnames=("steps", "side", "scheduler", "spec"))
+        # kept on disk beside JAX's compilation cache: a later process skips tracing as well
+        self._run = executables.Jit(
+            self._sample,
+            static_argnames=("steps", "side", "scheduler", "spec"),
+            key=self._program_key,
+            name="ports.sd.sample.Sampler",
+        )
+
+    def _program_key(self) -> dict:
+        """What the sampler's program depends on beyond its arguments: the modules' configs (their
+        reprs list every field), the scheduler config and the latent geometry."""
+        sd = self.sd
+        return {
+            "unet": repr(sd.unet),
+            "vae": repr(sd.vae),
+            "text_encoder": repr(sd.text_encoder),
+            "scheduler": sd.scheduler_config,
+            "latent": [sd.latent_channels, sd.vae_scale_factor, jnp.dtype(sd.dtype).name],
+        }
 
     def scheduler(self, name: str):
         """The diffusers Flax scheduler ``name`` for this checkpoint (built once, then reused)."""
@@ -147,7 +166,7 @@ class Sampler:
 
     def cache_size(self) -> int:
         """How many programs the jitted sampler has compiled (for no-recompile tests)."""
-        return self._run._cache_size()
+        return self._run.cache_size()
 
     def check(
         self,
