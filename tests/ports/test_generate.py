@@ -12,6 +12,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import signal
@@ -407,8 +408,14 @@ def test_a_second_run_on_the_same_folder_is_refused(reference, tiny_sd_path, tmp
     while not (out / "jaxmask.lock").exists() and time.monotonic() < deadline:
         assert first.poll() is None, first.communicate()[0].decode()
         time.sleep(0.01)
-    second = cli_process(generate_args(out, tiny_sd_path), jax_cache)
-    output = second.communicate(timeout=RUN_TIMEOUT)[0].decode(errors="replace")
+    # held while the second starts: with its program kept on disk the first run can finish
+    # before the second has imported jax
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = cli_process(generate_args(out, tiny_sd_path), jax_cache)
+        output = second.communicate(timeout=RUN_TIMEOUT)[0].decode(errors="replace")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2, output
     assert "being written by another jaxmask run" in output, output
     assert f"pid {first.pid} on {socket.gethostname()}" in output, output
