@@ -21,6 +21,7 @@ Same folder (``ports/toyworld/model``), batch, steps, guidance 7.5, DDIM, float3
 
     python bench/toy_cpu.py                                  # both sides on this Python
     python bench/toy_cpu.py --jax-python /path/py312/bin/python --batch 8 --steps 20 --rounds 3
+    python bench/toy_cpu.py --cpu-devices 2     # the jaxmask side split over two CPU devices
 
 A worker is this file with ``--worker jaxmask|torch``: it reads variant names on stdin, runs
 each once and answers one JSON line with the seconds.
@@ -50,27 +51,33 @@ def prompts(batch: int) -> list[str]:
     return [f"a {COLOURS[i % 8]} {CLASSES[i % 8]} on a plain background" for i in range(batch)]
 
 
-def jaxmask_runner(batch: int, steps: int):
+def jaxmask_runner(batch: int, steps: int, cpu_devices: int):
     import jax
+
+    # as `jaxmask generate --cpu-devices N` does: the batch split over N CPU devices
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
     import numpy as np
 
     import jaxmask
+    from ports.scale.mesh import data_mesh
 
     pipe = jaxmask.load()
     text = prompts(batch)
     classes = [[CLASSES[i % 8]] for i in range(batch)]
+    mesh = data_mesh() if cpu_devices > 1 else None
 
     def run(variant: str) -> int:
         if variant == "generate":
             return dataset_run(pipe, batch, steps)
         kw = {"classes": classes, "method": "seediff-code"} if variant == "masks" else {}
-        out = pipe.generate(text, jax.random.key(0), steps=steps, guidance=7.5, **kw)
+        out = pipe.generate(text, jax.random.key(0), steps=steps, guidance=7.5, mesh=mesh, **kw)
         np.asarray(out.images)  # wait for the device
         if variant == "masks":
             np.asarray(out.label_maps)
         return batch
 
-    return run, {"jax": jax.__version__, "python": platform.python_version()}
+    versions = {"jax": jax.__version__, "python": platform.python_version()}
+    return run, {**versions, "cpu_devices": jax.local_device_count()}
 
 
 def dataset_run(pipe, batch: int, steps: int) -> int:
@@ -150,8 +157,11 @@ def torch_runner(batch: int, steps: int):
     return run, {"torch": torch.__version__, "python": platform.python_version()}
 
 
-def worker(side: str, batch: int, steps: int) -> None:
-    run, versions = (jaxmask_runner if side == "jaxmask" else torch_runner)(batch, steps)
+def worker(side: str, batch: int, steps: int, cpu_devices: int) -> None:
+    if side == "jaxmask":
+        run, versions = jaxmask_runner(batch, steps, cpu_devices)
+    else:
+        run, versions = torch_runner(batch, steps)
     print(json.dumps(versions), flush=True)
     for line in sys.stdin:
         t0 = time.perf_counter()
@@ -160,8 +170,9 @@ def worker(side: str, batch: int, steps: int) -> None:
 
 
 class Worker:
-    def __init__(self, python: str, side: str, batch: int, steps: int):
+    def __init__(self, python: str, side: str, batch: int, steps: int, cpu_devices: int):
         cmd = [python, __file__, "--worker", side, "--batch", str(batch), "--steps", str(steps)]
+        cmd += ["--cpu-devices", str(cpu_devices)]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -196,13 +207,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jax-python", default=sys.executable, help="Python of the jaxmask side")
     parser.add_argument("--torch-python", default=sys.executable, help="Python of the torch side")
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="JAX CPU devices the jaxmask side splits each batch over (jaxmask generate's "
+        "default is one per core)",
+    )
     parser.add_argument("--worker", choices=("jaxmask", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.batch, args.steps)
+        return worker(args.worker, args.batch, args.steps, args.cpu_devices)
     workers = {
-        "jaxmask": Worker(args.jax_python, "jaxmask", args.batch, args.steps),
-        "torch": Worker(args.torch_python, "torch", args.batch, args.steps),
+        side: Worker(python, side, args.batch, args.steps, args.cpu_devices)
+        for side, python in (("jaxmask", args.jax_python), ("torch", args.torch_python))
     }
     try:
         first = {name: workers[s].rate(v)[0] for name, (s, v) in VARIANTS.items()}

@@ -64,3 +64,48 @@ def test_a_real_process_prints_no_third_party_noise(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stdout == "" and result.stderr.startswith("error: --steps"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+# --------------------------------------------------------------------------- CPU devices per core
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """What ``_cpu_devices`` asks JAX for (None: nothing), on a machine with 6 cores."""
+    import jax
+
+    from ports import cli
+
+    asked = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: asked.append((name, value)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+    def choose(requested, batch_size=None):
+        asked.clear()
+        cli._cpu_devices(requested, batch_size)
+        return asked[0][1] if asked else None
+
+    return choose
+
+
+def test_one_cpu_device_per_core_that_divides_the_batch(chosen):
+    assert chosen(None, 4) == 4  # 6 cores, batch 4: 4 devices of one image each
+    assert chosen(None, 6) == 6
+    assert chosen(None, 5) == 5
+    assert chosen(None, 7) == 1  # a prime batch over more than 6 devices: no split
+    assert chosen(None) == 6  # train-toy: every core
+    assert chosen(2, 4) == 2  # asked for
+
+
+def test_an_environment_that_chose_its_devices_keeps_them(chosen, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert chosen(None, 4) is None
+    assert chosen(3, 6) == 3  # unless asked
+
+
+def test_cpu_devices_below_one_is_refused(tmp_path):
+    out = tmp_path / "d"
+    result = CliRunner().invoke(app, ["generate", "-o", out, "-n", "1", "--cpu-devices", "0"])
+    assert result.exit_code == 2 and "--cpu-devices must be >= 1, got 0" in result.output
+    assert not out.exists()
