@@ -9,6 +9,7 @@ cache is warm in every run (the script cannot empty it).
 
     python bench/first_image.py                       # this Python's jaxmask
     python bench/first_image.py --python /work/venv312/bin/python --warm 3
+    python bench/first_image.py --args "--cpu-devices 1"   # one CPU device, not one per core
 
 Prints one row per run: seconds to the first image, to the end, and the status lines it drew.
 """
@@ -16,6 +17,7 @@ Prints one row per run: seconds to the first image, to the end, and the status l
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,9 +40,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def one_run(python: str, out: Path, cache: Path) -> dict:
+def one_run(python: str, out: Path, cache: Path, extra: list[str]) -> dict:
     """One ``jaxmask generate`` process: seconds to its first JPEG and to its exit."""
     args = [python, "-m", "ports.cli", *MAIN, "--out", str(out), "--compilation-cache", str(cache)]
+    args += extra
     env = {**os.environ, "COLUMNS": "100"}
     images = out / "JPEGImages"
     # the output goes to a file, not a pipe nobody reads while polling (a full pipe would stall it)
@@ -66,7 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable, help="the Python that runs jaxmask")
     parser.add_argument("--warm", type=int, default=3, help="warm runs after the cold one")
+    parser.add_argument(
+        "--args", default="", help="more options for jaxmask generate, e.g. '--cpu-devices 1'"
+    )
     args = parser.parse_args()
+    extra = shlex.split(args.args)
     version = subprocess.run(
         [
             args.python,
@@ -78,12 +85,12 @@ def main() -> None:
         check=True,
     ).stdout.split()
     print(f"device: {cpu_name()}, {os.cpu_count()} cores; Python {version[0]}, jax {version[1]}")
-    print(f"command: jaxmask {' '.join(MAIN)} --out DIR (bundled model)")
+    print(f"command: jaxmask {' '.join([*MAIN, *extra])} --out DIR (bundled model)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "xla"
         for i in range(1 + args.warm):
-            row = one_run(args.python, Path(tmp) / f"data-{i}", cache)
+            row = one_run(args.python, Path(tmp) / f"data-{i}", cache, extra)
             row["run"] = "cold cache" if i == 0 else f"warm {i}"
             rows.append(row)
             print(
