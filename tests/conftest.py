@@ -49,3 +49,25 @@ def _strict_promotion(request):
             yield
     else:
         yield
+
+
+# The test files that take longest (worker seconds, `--durations` on the 2-core CPU). The README's
+# `-n 2 --dist loadfile` runs each file on one worker (a module's fixtures, e.g. the smoke
+# training, are built once, not once per worker) and hands files out in collection order: these
+# go first, and the many short files fill in around them.
+_LONGEST = (
+    "tests/ports/test_generate.py",
+    "tests/ports/toyworld/test_train.py",
+    "tests/ports/toyworld/test_quality.py",
+    "tests/ports/toyworld/test_segmenter.py",
+    "tests/ports/sd/test_sample.py",
+    "tests/e2e/test_examples.py",
+    "tests/ports/test_api.py",
+    "tests/ports/toyworld/test_bundled.py",
+    "tests/core/test_parity_code.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(_LONGEST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
