@@ -13,8 +13,9 @@ what the caller names (``key``: e.g. the model's module configs), a sha256 of ev
 of the ``jaxmask`` and ``ports`` packages, the jax, jaxlib, flax and diffusers versions, the
 devices (and on a CPU the instruction set flags: XLA compiles for the host), ``XLA_FLAGS`` and
 the jax options that change lowering. An entry that is missing, damaged (its sha256 is checked
-before anything is read) or made for another key is compiled again and rewritten atomically; a
-folder that cannot be written only means the next process compiles (or hits JAX's cache) again.
+before anything is read) or made for another key is compiled again and rewritten atomically. A
+folder that cannot be written keeps nothing: there the program is compiled as ``jax.jit`` would
+(JAX's own cache may have it).
 With JAX's cache off, with several processes (multi-host programs are not serialised), or when a
 static argument has no stable repr, :class:`Jit` is plain ``jax.jit``.
 
@@ -98,6 +99,7 @@ class Jit:
         return len(self._compiled) + self._jit._cache_size()
 
     def lower(self, *args, **kwargs):
+        """``jax.jit(...).lower``: the program traced and lowered, not compiled (benchmarks)."""
         return self._jit.lower(*args, **kwargs)
 
     def _load_or_compile(self, folder: Path, signature, args, kwargs):
@@ -121,10 +123,20 @@ class Jit:
         path = folder / f"{name}.bin"
         compiled = _read(path, key)
         if compiled is None:
+            if not _writable(folder):  # nothing will be kept: compile as jax.jit would
+                return self._jit.lower(*args, **kwargs).compile()
             with _fresh_compile():
                 compiled = self._jit.lower(*args, **kwargs).compile()
             _write(path, key, compiled)
         return compiled
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` (or the nearest folder above that exists) can take a new file."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            return place.is_dir() and os.access(place, os.W_OK | os.X_OK)
+    return False
 
 
 @contextlib.contextmanager
