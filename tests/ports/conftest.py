@@ -1,5 +1,7 @@
 """Fixtures shared by the port tests: tiny diffusers-format Stable Diffusion checkpoints."""
 
+import contextlib
+
 import pytest
 
 
@@ -53,3 +55,28 @@ def jax_cache(tmp_path_factory):
     """A persistent compilation cache shared by this module's subprocesses: only the first one
     compiles the sampler (a cached executable gives the same results as a fresh compile)."""
     return tmp_path_factory.mktemp("jax_cache")
+
+
+@contextlib.contextmanager
+def compilation_cache_on(folder, min_compile_secs: float | None = None):
+    """JAX's persistent compilation cache on in ``folder`` as the commands turn it on
+    (``compile_cache.enable``), optionally keeping even fast compiles; the config is restored
+    on the way out, so later tests in the process run without it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from ports import compile_cache
+
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    path = compile_cache.enable(folder)
+    if min_compile_secs is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    try:
+        yield path
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()

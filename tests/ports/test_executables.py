@@ -15,23 +15,14 @@ from ports import compile_cache, executables
 from ports.sd.capture import NOTHING
 from ports.sd.sample import Sampler
 from ports.sd.tokenizer import tokenize
+from tests.ports.conftest import compilation_cache_on
 
 
 @pytest.fixture
 def kept(tmp_path):
-    """JAX's compilation cache on in ``tmp_path`` (as the commands turn it on); yields the folder
-    of the kept executables. The config is restored after."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    folder = compile_cache.enable(tmp_path / "xla")
-    yield folder / executables.FOLDER
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    compilation_cache.reset_cache()  # later tests in this process run without it again
+    """JAX's compilation cache on in ``tmp_path``; yields the folder of the kept executables."""
+    with compilation_cache_on(tmp_path / "xla") as folder:
+        yield folder / executables.FOLDER
 
 
 def _counted(traces: list):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from ports import compile_cache
 from ports.sd.clip import convert_state_dict
 from ports.sd.load import SHAPES_FOLDER, StableDiffusion, _check_tree, _fingerprint, load
 from ports.sd.tokenizer import class_ids, tokenize
+from tests.ports.conftest import compilation_cache_on
 from tests.ports.sd.parity import assert_rel_close as _close
 
 torch = pytest.importorskip("torch")
@@ -277,17 +277,8 @@ def test_fingerprint_is_stable_and_tracks_weights(tiny_sd_path, tmp_path):
 def shapes_cache(tmp_path):
     """JAX's persistent compilation cache on in ``tmp_path`` (as the commands turn it on); yields
     the folder where ``load`` keeps the params' shape trees. The config is restored after."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    folder = compile_cache.enable(tmp_path / "xla")
-    yield folder / SHAPES_FOLDER
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    compilation_cache.reset_cache()  # later tests in this process run without it again
+    with compilation_cache_on(tmp_path / "xla") as folder:
+        yield folder / SHAPES_FOLDER
 
 
 def _entries(folder):

@@ -12,30 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ports import compile_cache
 from ports.toyworld import train
+from tests.ports.conftest import compilation_cache_on
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled_once(tmp_path_factory):
     """JAX's persistent compilation cache for this module, shared by the xdist workers: every
     ``train.train`` call jits its steps afresh, so without it each of the module's smoke runs
-    (seven calls) compiles the same programs again, most of its ~75 s. The config is restored
-    after the module."""
-    from jax.experimental.compilation_cache import compilation_cache
-
+    (seven calls) compiles the same programs again, most of its ~75 s."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    before = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    compile_cache.enable(shared / "jax-cache-test-train")
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    compilation_cache.reset_cache()  # later modules in this process run without it again
+    with compilation_cache_on(shared / "jax-cache-test-train", min_compile_secs=0.0):
+        yield
 
 
 def test_schedule_is_stable_diffusions():
