@@ -397,27 +397,38 @@ def synthetic_stage(
     clock: Clock | None = None,
     filters: Filters | None = None,
 ) -> dict:
-    """Stage (c): the segmenter trained only on one method's pairs (those ``filters`` keep),
-    scored on the real scenes the oracle was scored on. Returns its scores, pairs, final loss."""
+    """Stage (c): the segmenter trained only on one method's pairs, scored on the real scenes the
+    oracle was scored on. Returns its scores, pairs and final loss; with ``filters``, also
+    ``"kept"``: the same for a segmenter trained only on the pairs the filters keep (the same
+    network, steps and initialisation, so the two differ only in their data)."""
     bars, clock = bars or Bars(False), clock or Clock()
     key = (synthetic[0], bool(synthetic[1]))
     keep = kept(generated, key, filters)
     if not keep.any():
         raise ValueError(f"the quality filters keep none of {synthetic[0]}'s pairs: loosen them")
-    labels = to_world_labels(generated.label_maps[key], generated.class_ids)[keep]
-    with clock("synthetic train"):
-        params, losses = segmenter.train(
-            (generated.images[keep], labels),
-            steps,
-            batch,
-            jax.random.fold_in(jax.random.key(seed), _SEGMENTER_KEY),
-            cfg=segmenter_cfg,
-            progress=bars.callback(f"segmenter: train on {synthetic[0]} pairs", steps),
-        )
-    with clock("evaluate"):
-        pred = segmenter.predict(params, oracle.eval_images, cfg=segmenter_cfg)
-        scores = segmenter.scores(segmenter.confusion(oracle.eval_labels, pred))
-    return {**scores, "pairs": int(keep.sum()), "final_loss": float(losses[-10:].mean())}
+    labels = to_world_labels(generated.label_maps[key], generated.class_ids)
+
+    def train_and_score(which: np.ndarray, what: str) -> dict:
+        with clock("synthetic train"):
+            params, losses = segmenter.train(
+                (generated.images[which], labels[which]),
+                steps,
+                batch,
+                jax.random.fold_in(jax.random.key(seed), _SEGMENTER_KEY),
+                cfg=segmenter_cfg,
+                progress=bars.callback(f"segmenter: train on {what}", steps),
+            )
+        with clock("evaluate"):
+            pred = segmenter.predict(params, oracle.eval_images, cfg=segmenter_cfg)
+            scores = segmenter.scores(segmenter.confusion(oracle.eval_labels, pred))
+        return {**scores, "pairs": int(which.sum()), "final_loss": float(losses[-10:].mean())}
+
+    everything = train_and_score(np.ones_like(keep), f"{synthetic[0]} pairs")
+    if filters is None:
+        return everything
+    # every pair kept: the same data, so the same segmenter (no second training)
+    kept_scores = everything if keep.all() else train_and_score(keep, "the kept pairs")
+    return {**everything, "kept": kept_scores}
 
 
 def measure(
@@ -474,7 +485,7 @@ def measure(
       window, every: replace every method's ``CaptureSpec.step_window`` (fractions of the steps)
         and ``every`` (keep every k-th step): what capturing fewer steps costs in mask quality.
       filters: ``jaxmask generate``'s quality filters (``ports.generate.Filters``): every row
-        also scores the pairs they keep, and the synthetic-data segmenter trains on those.
+        also scores the pairs they keep, and a second synthetic-data segmenter trains on those.
 
     Returns:
       A dict with ``config``, ``model``, ``device``, ``oracle``, ``rows`` (one per method x pamr),
@@ -627,12 +638,15 @@ def measure(
 def estimate_seconds(result: Mapping, per_class: int) -> float:
     """Runtime of a run with ``per_class`` images per class on the same device, from a finished
     run: its first sampling batch (compiles) plus its steady batch time per further batch, and its
-    segmenter time per step times twice ``auto_oracle_steps(per_class)``."""
+    segmenter time per step times ``auto_oracle_steps(per_class)`` for the oracle and each
+    synthetic-data segmenter."""
     c, t = result["config"], result["timings"]
     batches = result["generation"]["batch_seconds"]
     steady = float(np.median(batches[1:])) if len(batches) > 1 else batches[0]
     n_batches = -(-len(scenes.CLASSES) * per_class // result["generation"]["batch"])
-    per_step = t.get("synthetic train", 0.0) / c["segmenter_steps"]
+    syn = result["synthetic"]["jaxmask"]
+    trainings = 2 if syn.get("kept", syn)["pairs"] < syn["pairs"] else 1  # with filters: 2
+    per_step = t.get("synthetic train", 0.0) / (trainings * c["segmenter_steps"])
     per_image_eval = t.get("evaluate", 0.0) / max(c["images"] + c["eval_scenes"], 1)
     return (
         t.get("load", 0.0)
@@ -640,7 +654,7 @@ def estimate_seconds(result: Mapping, per_class: int) -> float:
         + batches[0]
         + steady * (n_batches - 1)
         + per_image_eval * (len(scenes.CLASSES) * per_class + c["eval_scenes"])
-        + 2 * per_step * auto_oracle_steps(per_class)
+        + (1 + trainings) * per_step * auto_oracle_steps(per_class)
     )
 
 
@@ -768,6 +782,14 @@ def render_markdown(result: Mapping, command: str | None = None) -> str:
             f"| jaxmask {s['method']}{' + PAMR' if s['pamr'] else ''} pairs "
             f"| {s['jaxmask']['pairs']} | {pct(s['jaxmask']['miou'])} "
             f"| {pct(s['jaxmask']['pixel_accuracy'])} |"
+        ),
+        *(
+            [
+                f"| the same, only the pairs the quality filters keep | {k['pairs']} "
+                f"| {pct(k['miou'])} | {pct(k['pixel_accuracy'])} |"
+            ]
+            if (k := s["jaxmask"].get("kept"))
+            else []
         ),
         "",
         "Same network, steps, batch and initialisation; the synthetic pairs keep 255 as ignore.",

@@ -276,8 +276,38 @@ def test_filtered_measure_scores_the_kept_pairs(pipe, result):
     everything = quality.measure(pipe, seed=0, **shrunk, filters=Filters(min_area=0.0))
     row = everything["rows"][0]
     assert row["kept"] == 1.0 and row["miou_kept"] == row["miou"] == result["rows"][0]["miou"]
-    assert everything["synthetic"]["jaxmask"]["pairs"] == everything["config"]["images"]
+    synthetic = everything["synthetic"]["jaxmask"]
+    assert synthetic["pairs"] == everything["config"]["images"]
+    # every pair kept: the kept segmenter is the same one (same data, steps and initialisation)
+    assert synthetic["kept"] == {k: v for k, v in synthetic.items() if k != "kept"}
     page = quality.render_markdown(everything)
     assert "kept by the filters" in page and '{"min_area": 0.0}' in page
     with pytest.raises(ValueError, match="keep none"):
         quality.measure(pipe, seed=0, **shrunk, filters=Filters(min_area=0.5, max_area=0.500001))
+
+
+def test_kept_segmenter_learns_from_the_kept_pairs_only():
+    """A filter that drops the pairs with wrong labels: the segmenter trained on all pairs learns
+    the wrong labels in part, the one trained on the kept pairs only learns the scenes' own."""
+    from ports.generate import Filters
+
+    images, labels = quality.real_scenes(24, stream=0, size=32)
+    counts = np.stack([np.bincount(m.ravel(), minlength=9) for m in labels])
+    class_ids = counts[:, 1:].argmax(1)  # the scene's largest object is the "named" class
+    maps = (labels == (class_ids + 1)[:, None, None]).astype(np.uint8)
+    wrong = np.arange(24) % 2 == 1
+    maps[wrong] = 1 - maps[wrong]  # half the pairs: the mask inverted, most of the image
+    key = ("ca", False)
+    generated = quality.Generated(
+        images=images, class_ids=class_ids, label_maps={key: maps},
+        confidence={key: np.ones(24, np.float32)}, groups=[["ca"]], specs=(), batch=24,
+        batch_seconds=[],
+    )  # fmt: skip
+    eval_images, eval_labels = quality.real_scenes(16, stream=1, size=32)
+    oracle = quality.Oracle(None, {}, True, None, eval_images, eval_labels)
+    filters = Filters(max_area=0.5)
+    assert quality.kept(generated, key, filters).tolist() == (~wrong).tolist()
+    out = quality.synthetic_stage(oracle, generated, key, steps=60, batch=8, filters=filters)
+    assert out["pairs"] == 24 and out["kept"]["pairs"] == 12
+    # the inverted half teaches "background is the object": the kept half does not
+    assert out["kept"]["pixel_accuracy"] > out["pixel_accuracy"] + 0.05
