@@ -92,7 +92,9 @@ def test_smoke_training_writes_a_loadable_model_and_its_record(smoke_model):
     assert on_disk["seed"] == 3 and on_disk["config"]["unet_steps"] == cfg.unet_steps
     assert len(on_disk["vae_loss"]) == math.ceil(cfg.vae_steps / cfg.chunk)
     assert len(on_disk["unet_loss"]) == math.ceil(cfg.unet_steps / cfg.chunk)
-    assert all(math.isfinite(v) for v in on_disk["vae_loss"] + on_disk["unet_loss"])
+    assert len(on_disk["decoder_loss"]) == math.ceil(cfg.decoder_steps / cfg.chunk)
+    curves = on_disk["vae_loss"] + on_disk["unet_loss"] + on_disk["decoder_loss"]
+    assert all(math.isfinite(v) for v in curves)
     assert on_disk["scaling_factor"] == record["scaling_factor"] > 0
 
     pipe = jaxmask.load(folder)
@@ -166,8 +168,10 @@ def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path, mon
     assert out.is_dir()  # every segment past the VAE stage leaves a usable model
     third = train.train(out, cfg, seed=3, progress=False, resume=True)
     assert third["unet_steps_done"] == cfg.unet_steps
+    assert third["decoder_steps_done"] == cfg.decoder_steps
     assert [s["to"] for s in third["segments"]] == [
-        {"vae": 2, "unet": 0}, {"vae": 4, "unet": 2}, {"vae": 4, "unet": 4},
+        {"vae": 2, "unet": 0, "decoder": 0}, {"vae": 4, "unet": 2, "decoder": 0},
+        {"vae": 4, "unet": 4, "decoder": 2},
     ]  # fmt: skip
     a, b = _weights(straight), _weights(out)
     for part in a:
@@ -207,6 +211,28 @@ def test_a_resumed_run_may_take_more_unet_steps(tmp_path):
     assert last["from"]["unet"] == cfg.unet_steps and last["to"]["unet"] == longer.unet_steps
     with pytest.raises(ValueError, match=r"differs in: config.unet_steps"):
         train.train(out, cfg, seed=3, progress=False, resume=True)  # fewer than the 6 done
+
+
+def test_a_finished_run_may_gain_the_decoder_stage(tmp_path):
+    """Stage 3 added on resume to a run that ended without it (as the bundled model's run): the
+    decoder alone changes; the encoder, so the latents, and the UNet and text encoder stay bit
+    for bit what they were."""
+    cfg, out = train.PRESETS["smoke"], tmp_path / "model"
+    without = train.dataclasses.replace(cfg, decoder_steps=0)
+    train.train(out, without, seed=3, progress=False)
+    before = _weights(out)
+    record = train.train(out, cfg, seed=3, progress=False, resume=True)
+    after = _weights(out)
+    assert record["decoder_steps_done"] == cfg.decoder_steps == record["config"]["decoder_steps"]
+    assert record["segments"][-1]["decoder_steps"] == {"from": 0, "to": cfg.decoder_steps}
+    for part in ("unet", "text_encoder"):
+        for name in before[part]:
+            np.testing.assert_array_equal(before[part][name], after[part][name], err_msg=name)
+    changed = {n for n in before["vae"] if not np.array_equal(before["vae"][n], after["vae"][n])}
+    assert changed and all(n.startswith(train.DECODER_PARTS) for n in changed), sorted(changed)
+    assert any(n.startswith("encoder") for n in before["vae"])  # the check sees the encoder
+    with pytest.raises(ValueError, match=r"differs in: config.decoder_steps"):
+        train.train(out, without, seed=3, progress=False, resume=True)  # stage 3 has begun
 
 
 @pytest.mark.parametrize(
