@@ -26,7 +26,7 @@ released VAEs were improved:
    of the weights (what is saved);
 3. ``decoder_steps`` of the VAE's decoder alone on whole images, the encoder frozen, as Stability
    AI fine-tuned SD's decoder (``sd-vae-ft-mse``): the latents the UNet learned stay exactly what
-   they were, and images come out sharper.
+   they were, and the decoder learns the flipped latents the UNet was also trained on.
 
 The whole training set is rendered once (in worker processes) and kept on the device; batches are
 drawn on the device inside each jitted step, and the host waits once per ``chunk`` steps (the
@@ -155,7 +155,7 @@ PRESETS = {
     # The bundled model, sized for the 2-core CPU: 16x16 latents (attention 16/8/4); the VAE on
     # 32 px crops, then on whole images; min-SNR weighting; half the captions without colour
     # words (the first models learned "colour word -> blob" and never the shape words); the
-    # decoder fine-tuned last; resumable segments of a ~8 hour run (docs/toymodel.md).
+    # decoder fine-tuned last; resumable segments of a ~12 hour run (docs/toymodel.md).
     "cpu": TrainConfig(
         scenes=30_000,
         vae_steps=4_600,
@@ -172,8 +172,8 @@ PRESETS = {
         ema_decay=0.999,
         drop_colours=0.5,
         min_snr_gamma=5.0,
-        # added on resume after the UNet's 27,000 steps: the VAE's reconstruction error was
-        # still above the issue's 6 grey levels (docs/toymodel.md)
+        # added on resume after the UNet's 27,000 steps: the UNet draws flipped latents, which
+        # the VAE had never decoded (docs/toymodel.md)
         decoder_steps=1_000,
         chunk=50,
     ),
@@ -186,7 +186,7 @@ PRESETS = {
         unet_batch=4,
         chunk=2,
         warmup=1,
-        decoder_steps=2,
+        decoder_steps=4,
         unet_channels=(32, 32, 32),
         vae_channels=(32, 32),
         text_width=32,
@@ -528,8 +528,10 @@ def train_decoder(
     """Stage 3: the decoder alone (``DECODER_PARTS``) on whole images, L1 + L2 reconstruction of
     posterior samples of the frozen encoder (the latents the UNet was trained on).
 
-    Stability AI's ``sd-vae-ft-mse`` recipe in small: fine-tuning only the decoder improves the
-    reconstructions without moving the latent space, so the trained UNet needs nothing. ``state``
+    Stability AI's ``sd-vae-ft-mse`` recipe in small: fine-tuning only the decoder changes what
+    latents decode to without moving the latent space, so the trained UNet needs nothing. Half the
+    batch is flipped left-right, latent and image alike, as the UNet's training latents were: a
+    flipped latent is not the latent of the flipped image, and the UNet draws both. ``state``
     is ``init_decoder_state(vae_params, cfg)`` (or a restored one); ``resume`` passes ``start``,
     ``curve``, ``save`` and ``save_seconds`` on to ``_run_chunks``. Returns the state and curve.
     """

@@ -145,19 +145,23 @@ def _weights(folder):
 
 
 def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path, monkeypatch):
-    """Stopped by Ctrl-C in the VAE stage, then by the time budget in the UNet stage, then resumed
-    to the end: the same weights, bit for bit, as the uninterrupted run (the data order comes
-    from the step index)."""
+    """Stopped by Ctrl-C in the VAE stage, then by the time budget in the UNet stage, then by
+    Ctrl-C in the decoder stage, then resumed to the end: the same weights, bit for bit, as the
+    uninterrupted run (the data order comes from the step index)."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
     straight, _ = smoke_model
     cfg, out = train.PRESETS["smoke"], tmp_path / "model"
-    render = train.render_dataset
+    render, train_decoder = train.render_dataset, train.train_decoder
 
     def render_then_ctrl_c(*args, **kwargs):  # SIGINT once training has started
         scenes_ = render(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)
         return scenes_
+
+    def ctrl_c_then_decoder(*args, **kwargs):  # SIGINT as the decoder stage starts
+        os.kill(os.getpid(), signal.SIGINT)
+        return train_decoder(*args, **kwargs)
 
     monkeypatch.setattr(train, "render_dataset", render_then_ctrl_c)
     first = train.train(out, cfg, seed=3, progress=False)
@@ -166,12 +170,15 @@ def test_a_run_cut_into_segments_makes_the_same_model(smoke_model, tmp_path, mon
     second = train.train(out, cfg, seed=3, progress=False, max_minutes=1e-9, resume=True)
     assert (second["vae_steps_done"], second["unet_steps_done"]) == (cfg.vae_steps, cfg.chunk)
     assert out.is_dir()  # every segment past the VAE stage leaves a usable model
+    monkeypatch.setattr(train, "train_decoder", ctrl_c_then_decoder)
     third = train.train(out, cfg, seed=3, progress=False, resume=True)
-    assert third["unet_steps_done"] == cfg.unet_steps
-    assert third["decoder_steps_done"] == cfg.decoder_steps
-    assert [s["to"] for s in third["segments"]] == [
+    assert (third["unet_steps_done"], third["decoder_steps_done"]) == (cfg.unet_steps, cfg.chunk)
+    monkeypatch.undo()
+    fourth = train.train(out, cfg, seed=3, progress=False, resume=True)
+    assert fourth["decoder_steps_done"] == cfg.decoder_steps
+    assert [s["to"] for s in fourth["segments"]] == [
         {"vae": 2, "unet": 0, "decoder": 0}, {"vae": 4, "unet": 2, "decoder": 0},
-        {"vae": 4, "unet": 4, "decoder": 2},
+        {"vae": 4, "unet": 4, "decoder": 2}, {"vae": 4, "unet": 4, "decoder": 4},
     ]  # fmt: skip
     a, b = _weights(straight), _weights(out)
     for part in a:
