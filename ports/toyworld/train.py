@@ -869,6 +869,11 @@ def train(
         if meta["unet_step"] > 0:
             state = checkpoint.load(folder, {"unet": state, "vae_params": vae_params})[0]["unet"]
         unet_extra = {"vae_params": vae_params}
+        decoder = None
+        if meta["decoder_step"] > 0:  # kept through UNet steps added after the decoder stage
+            template = {"decoder": init_decoder_state(vae_params, cfg)}
+            decoder = checkpoint.load(folder, template)[0]["decoder"]
+            unet_extra["decoder"] = decoder
         t0 = time.perf_counter()
         state, _, scaling = train_unet(
             unet, text, state, latents, ids, null_ids, cfg, k_unet, progress, deadline,
@@ -879,17 +884,17 @@ def train(
         timings["unet_s"] = round(time.perf_counter() - t0, 1)
         if cfg.decoder_steps and meta["unet_step"] == cfg.unet_steps and not passed(deadline):
             t0 = time.perf_counter()
-            decoder = init_decoder_state(vae_params, cfg)
-            if meta["decoder_step"] > 0:
-                decoder = checkpoint.load(folder, {"decoder": decoder})[0]["decoder"]
-            (trained, _), _ = train_decoder(
-                vae, vae_params, decoder, images, latents, cfg, k_decoder, progress, deadline,
+            decoder, _ = train_decoder(
+                vae, vae_params,
+                init_decoder_state(vae_params, cfg) if decoder is None else decoder,
+                images, latents, cfg, k_decoder, progress, deadline,
                 start=meta["decoder_step"], curve=meta["decoder_loss"],
-                save=checkpointer("decoder", {"unet": state, **unet_extra}),
+                save=checkpointer("decoder", {"unet": state, "vae_params": vae_params}),
                 save_seconds=60.0 * checkpoint_minutes,
             )  # fmt: skip
-            vae_params = {**vae_params, **trained}  # exported; the checkpoint keeps the original
             timings["decoder_s"] = round(time.perf_counter() - t0, 1)
+        if decoder is not None:  # exported; the checkpoint keeps the VAE as the encoder made it
+            vae_params = {**vae_params, **decoder[0]}
         ema = state[1]
         timings["total_s"] = round(time.perf_counter() - started, 1)
 

@@ -209,6 +209,7 @@ def test_a_resumed_run_may_take_more_unet_steps(tmp_path):
     on (recorded per segment); a count below the steps already done is refused."""
     cfg, out = train.PRESETS["smoke"], tmp_path / "model"
     train.train(out, cfg, seed=3, progress=False)
+    first_decoder = _weights(out)["vae"]
     longer = train.dataclasses.replace(cfg, unet_steps=cfg.unet_steps + cfg.chunk)
     record = train.train(out, longer, seed=3, progress=False, resume=True)
     assert record["unet_steps_done"] == longer.unet_steps == record["config"]["unet_steps"]
@@ -216,6 +217,11 @@ def test_a_resumed_run_may_take_more_unet_steps(tmp_path):
     last = record["segments"][-1]
     assert last["unet_steps"] == {"from": cfg.unet_steps, "to": longer.unet_steps}
     assert last["from"]["unet"] == cfg.unet_steps and last["to"]["unet"] == longer.unet_steps
+    assert record["decoder_steps_done"] == cfg.decoder_steps  # the decoder stage is kept
+    decoder = _weights(out)["vae"]
+    assert {n for n in decoder if n.startswith(train.DECODER_PARTS)} and all(
+        np.array_equal(decoder[n], first_decoder[n]) for n in decoder
+    )  # exported as the first run trained it (the UNet's steps do not change what it learned)
     with pytest.raises(ValueError, match=r"differs in: config.unet_steps"):
         train.train(out, cfg, seed=3, progress=False, resume=True)  # fewer than the 6 done
 
