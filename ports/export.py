@@ -122,6 +122,8 @@ def to_hf(dataset: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
 
     tmp = _fresh(out)
     counts = {}
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # its per-shard "Creating parquet" bars: noise on our CLI
     try:
         for split, hf_split in HF_SPLITS.items():
             count = sum(1 for r in records if r.get("split", "train") == split)
@@ -138,6 +140,8 @@ def to_hf(dataset: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
         _finish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars:  # the caller's setting, as it was
+            datasets.enable_progress_bars()
     return ExportResult(out, len(records), counts)
 
 

@@ -43,10 +43,13 @@ def source(tmp_path_factory):
     return out
 
 
-def test_hf_export_loads_with_datasets_and_labels_equal_the_pngs(source, tmp_path):
+def test_hf_export_loads_with_datasets_and_labels_equal_the_pngs(source, tmp_path, capfd):
     datasets = pytest.importorskip("datasets")
     out = tmp_path / "hf"
+    assert datasets.is_progress_bar_enabled()
     result = to_hf(source, out)
+    # datasets' "Creating parquet from Arrow format" bars stay off our stderr, and back on after
+    assert "parquet" not in capfd.readouterr().err and datasets.is_progress_bar_enabled()
     assert result.splits == {"train": 1, "validation": 1}
     loaded = datasets.load_dataset(str(out))
     assert set(loaded) == {"train", "validation"}
