@@ -333,9 +333,14 @@ def _optimizer(lr: float, steps: int, warmup: int) -> optax.GradientTransformati
     )
 
 
+def _unit(images_uint8: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1], the VAE's input range (layout unchanged)."""
+    return images_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
 def _images_nchw(batch_uint8: jax.Array, key: jax.Array) -> jax.Array:
     """uint8 NHWC -> float32 NCHW in [-1, 1], each image flipped left-right with probability 1/2."""
-    x = batch_uint8.astype(jnp.float32) / 127.5 - 1.0
+    x = _unit(batch_uint8)
     flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1], x)
     return x.transpose(0, 3, 1, 2)
@@ -500,7 +505,7 @@ def encode_dataset(vae, params, images: jax.Array, batch: int = 256):
 
     @jax.jit
     def enc(x):
-        x = x.astype(jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x = _unit(x).transpose(0, 3, 1, 2)
         post = vae.apply({"params": params}, x, method=vae.encode).latent_dist
         return post.mean.transpose(0, 3, 1, 2), post.std.transpose(0, 3, 1, 2)
 
@@ -549,7 +554,7 @@ def train_decoder(
         k_idx, k_z, k_flip = jax.random.split(key, 3)
         idx = jax.random.randint(k_idx, (cfg.vae_batch,), 0, images.shape[0])
         z = mean[idx] + std[idx] * jax.random.normal(k_z, mean[idx].shape)
-        x = images[idx].astype(jnp.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x = _unit(images[idx]).transpose(0, 3, 1, 2)
         # flipped as the UNet's latents were (train_unet), so the decoder learns to decode them
         flip = jax.random.bernoulli(k_flip, 0.5, (cfg.vae_batch, 1, 1, 1))
         z, x = jnp.where(flip, z[..., ::-1], z), jnp.where(flip, x[..., ::-1], x)

@@ -20,7 +20,7 @@ from tests.ports.conftest import compilation_cache_on
 def _compiled_once(tmp_path_factory):
     """JAX's persistent compilation cache for this module, shared by the xdist workers: every
     ``train.train`` call jits its steps afresh, so without it each of the module's smoke runs
-    (seven calls) compiles the same programs again, most of its ~75 s."""
+    (a dozen calls) compiles the same programs again."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     with compilation_cache_on(shared / "jax-cache-test-train", min_compile_secs=0.0):
